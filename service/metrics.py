@@ -1,0 +1,44 @@
+"""Prometheus metrics of the gateway, on their own registry (no module-level globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, backend: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.backend = backend
+        r = self.registry
+        self.requests = Counter("medseg_requests", "RPCs handled, by method and gRPC status code",
+                                ["method", "code", "backend"], registry=r)
+        self.request_latency = Histogram("medseg_request_duration_seconds", "Whole-RPC latency",
+                                         ["method", "backend"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage_latency = Histogram("medseg_stage_duration_seconds",
+                                       "Latency of one pipeline stage (decode_image, preprocess, encoder, "
+                                       "mask_decoder, postprocess)", ["stage", "model", "backend"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("medseg_inflight_requests", "RPCs being handled now", ["backend"], registry=r)
+        self.cache_hits = Counter("medseg_embedding_cache_hits", "Embedding cache hits", ["model"], registry=r)
+        self.cache_misses = Counter("medseg_embedding_cache_misses", "Embedding cache misses", ["model"], registry=r)
+        self.cache_bytes = Gauge("medseg_embedding_cache_bytes", "Bytes of embeddings held", registry=r)
+        self.cache_entries = Gauge("medseg_embedding_cache_entries", "Embeddings held", registry=r)
+        self.cache_evictions = Gauge("medseg_embedding_cache_evictions", "Embeddings evicted for space so far",
+                                     registry=r)
+        self.backend_ready = Gauge("medseg_backend_ready", "1 when the backend serves every model", ["backend"],
+                                   registry=r)
+
+    def stage(self, stage: str, model: str):
+        """Context manager timing one pipeline stage."""
+        return self.stage_latency.labels(stage, model, self.backend).time()
+
+    def cache_changed(self, cache) -> None:
+        self.cache_bytes.set(cache.bytes)
+        self.cache_entries.set(len(cache))
+        self.cache_evictions.set(cache.evictions)
+
+    def serve_http(self, host: str, port: int):
+        """Start the /metrics HTTP server; returns (server, thread). Port 0 picks a free port."""
+        return start_http_server(port, addr=host, registry=self.registry)
