@@ -36,7 +36,8 @@ class Settings:
     backend_workers: int = 2
     backend_timeout_s: float = 30.0
     grace_s: float = 10.0
-    warmup: bool = True
+    # Wait this long before loading models (exercises probes and clients during start-up).
+    startup_delay_s: float = 0.0
     log_level: str = "INFO"
     # After binding, write {"grpc": port, "metrics": port, "pid": pid} here (for tests and supervisors).
     port_file: str = ""

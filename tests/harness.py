@@ -1,0 +1,121 @@
+"""Real processes for integration tests: started on ephemeral loopback ports, readiness
+polled (never slept for), stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = REPO / "model_repository"
+
+
+def ensure_models() -> Path:
+    """Export LiteMedSAM if its ONNX files are missing (``make test`` has normally done it)."""
+    needed = [MODEL_REPOSITORY / m / "1" / "model.onnx" for m in ("medsam_lite_encoder", "medsam_lite_decoder")]
+    if not all(p.is_file() for p in needed):
+        subprocess.run([sys.executable, "-m", "export", "medsam_lite", "--check-cases", "0",
+                        "--repository", str(MODEL_REPOSITORY)], cwd=REPO, check=True)
+    return MODEL_REPOSITORY
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class GatewayProcess:
+    """``python -m service`` on 127.0.0.1 with port 0; ports read back from --port-file."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.port_file = self.tmp / "ports.json"
+        self.log_path = self.tmp / "gateway.log"
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+                     "--port-file", str(self.port_file), "--model-repository", str(MODEL_REPOSITORY), *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.grpc_port = self.metrics_port = 0
+
+    def start(self, timeout: float = 60.0) -> "GatewayProcess":
+        self.port_file.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", *self.args], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+
+        def ports():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            return self.port_file.is_file() and json.loads(self.port_file.read_text())
+
+        info = wait_for(ports, timeout, "the gateway's port file")
+        self.grpc_port, self.metrics_port = info["grpc"], info["metrics"]
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=2)
+                return reply.status
+            except grpc.RpcError:
+                return health_pb2.HealthCheckResponse.UNKNOWN
+
+    def wait_serving(self, timeout: float = 120.0) -> "GatewayProcess":
+        wait_for(lambda: self.health() == health_pb2.HealthCheckResponse.SERVING, timeout, "health SERVING")
+        return self
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        self.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total

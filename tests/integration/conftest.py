@@ -1,0 +1,32 @@
+"""A real gateway (``python -m service``, embedded ONNX Runtime backend, real LiteMedSAM
+export) on an ephemeral loopback port, shared by the integration tests of one session."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.client import SegmentationClient
+from tests.harness import GatewayProcess, ensure_models
+
+# Small enough to test RESOURCE_EXHAUSTED cheaply, large enough for every real test image.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def model_repository():
+    return ensure_models()
+
+
+@pytest.fixture(scope="session")
+def gateway(model_repository, tmp_path_factory):
+    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), "--backend", "embedded",
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-prompts", "8")
+    proc.start().wait_serving()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway):
+    with SegmentationClient(gateway.target, timeout=60.0, max_message_mb=32) as c:
+        yield c
