@@ -1,0 +1,54 @@
+"""The one mapping from domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service import errors
+from service.status import client_message, status_for
+
+EXPECTED = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidPrompt: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnsupportedPrompt: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.BackendError: grpc.StatusCode.INTERNAL,
+}
+
+
+def test_every_domain_error_class_has_a_status():
+    classes = {errors.ServiceError}
+    frontier = [errors.ServiceError]
+    while frontier:
+        for sub in frontier.pop().__subclasses__():
+            classes.add(sub)
+            frontier.append(sub)
+    assert classes - {errors.ServiceError} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("cls", sorted(EXPECTED, key=lambda c: c.__name__))
+def test_domain_error_maps_to_its_status_and_keeps_its_message(cls):
+    exc = cls("box lies outside the image")
+    assert status_for(exc) == EXPECTED[cls]
+    if cls is errors.BackendError:
+        assert "box" not in client_message(exc, "req-1") and "req-1" in client_message(exc, "req-1")
+    else:
+        assert client_message(exc, "req-1") == "box lies outside the image"
+
+
+@pytest.mark.parametrize("exc", [KeyError("patient"), ValueError("x"), ZeroDivisionError(), RuntimeError("PHI")])
+def test_unexpected_exception_is_internal_with_a_generic_message(exc):
+    assert status_for(exc) == grpc.StatusCode.INTERNAL
+    message = client_message(exc, "abc123")
+    assert "abc123" in message and str(exc) not in message or str(exc) == ""
