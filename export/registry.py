@@ -87,6 +87,20 @@ def export_medsam_lite(opts: ExportOptions) -> list[Path]:
     return written
 
 
+def export_unet(opts: ExportOptions) -> list[Path]:
+    """Every trained segmenter checkpoint ``CACHE_DIR/unet/NAME.pt`` as model ``NAME`` (see export/unet.py)."""
+    from export.unet import export_checkpoint
+
+    checkpoints = sorted((opts.cache_dir / "unet").glob("*.pt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoints in {opts.cache_dir / 'unet'}; train one with `python -m training`")
+    written = []
+    for ckpt in checkpoints:
+        written += export_checkpoint(ckpt, opts.repository, ckpt.stem, opts.target, opts.version)
+    return written
+
+
 EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
     "medsam_lite": export_medsam_lite,
+    "unet": export_unet,
 }
