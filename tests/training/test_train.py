@@ -1,0 +1,106 @@
+"""Training runs: resumable, and a CI smoke run that learns, exports and serves."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monai", reason="the training extra (requirements/training.txt) is not installed")
+
+import torch  # noqa: E402
+
+from training import data  # noqa: E402
+from training.evaluate import onnx_predictor, predict, scores, torch_predictor  # noqa: E402
+from training.model import NetworkConfig  # noqa: E402
+from training.samples import model_image, prepare  # noqa: E402
+from training.train import TrainConfig, load_model, train  # noqa: E402
+from training.weak_labels import simulate  # noqa: E402
+
+from .helpers import synthetic_case  # noqa: E402
+
+TINY = NetworkConfig(channels=(4, 8), num_res_units=0)
+
+
+def tiny_samples(size: int = 32):
+    cases = [synthetic_case(f"synth_{i:03d}", seed=i) for i in range(3)]
+    weak = {c.case_id: simulate(c.case_id, c.mask, seed=0) for c in cases}
+    return prepare(cases, size, weak)
+
+
+@pytest.mark.parametrize("method", ["full", "box"])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, method):
+    samples = tiny_samples()
+    cfg = TrainConfig(method=method, size=32, iterations=6, batch_size=2, threads=1, checkpoint_every=2,
+                      network=TINY)
+    whole = train(cfg, samples, tmp_path / "whole", progress=False)
+    first = train(cfg, samples, tmp_path / "split", stop_after=3, progress=False)
+    assert first.iterations == 3
+    resumed = train(cfg, samples, tmp_path / "split", progress=False)
+    assert resumed.iterations == 6
+    assert resumed.history == pytest.approx(whole.history, rel=1e-5, abs=1e-6)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    samples = tiny_samples()
+    cfg = TrainConfig(size=32, iterations=2, batch_size=2, threads=1, network=TINY)
+    train(cfg, samples, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(replace(cfg, lr=0.5), samples, tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_smoke_real_cases_loss_falls_export_matches_and_gateway_backend_serves(tmp_path, shared_data):
+    """CI smoke: a few iterations on a few real brain slices, export, serve (< 1 min on 2 cores)."""
+    from export.registry import ExportOptions, export_unet
+    from service.backends.embedded import EmbeddedBackend
+    from service.model_config import read_entry
+
+    start = time.monotonic()
+    cases = data.select(data.load_npz_folder(shared_data / "train"), "brain", 3)[::12][:6]
+    dev = data.select(data.load_npz_folder(shared_data / "dev"), "brain")[:2]
+    samples = prepare(cases, 64)
+    cfg = TrainConfig(method="full", structure="brain", size=64, iterations=40, batch_size=4, lr=3e-3,
+                      threads=2, network=NetworkConfig(channels=(8, 16, 32)))
+    result = train(cfg, samples, tmp_path / "run", progress=False)
+    assert np.mean(result.history[-8:]) < 0.8 * np.mean(result.history[:8])
+
+    cache = tmp_path / "cache"
+    (cache / "unet").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "checkpoint.pt", cache / "unet" / "unet_smoke.pt")
+    repo = tmp_path / "repo"
+    written = export_unet(ExportOptions(repository=repo, cache_dir=cache))
+    assert {p.name for p in written} == {"model.onnx", "config.pbtxt"}
+    entry = read_entry(repo / "unet_smoke")
+    assert entry.parameters["medseg.role"] == "segmenter" and entry.parameters["medseg.input_size"] == "64"
+    assert entry.input_names == ["image"] and entry.output_names == ["logits"]
+
+    model, _ = load_model(tmp_path / "run" / "checkpoint.pt")
+    onnx_run, torch_run = onnx_predictor(str(entry.onnx_path())), torch_predictor(model)
+    for case in dev:
+        x, _ = model_image(case.image, cfg.size)
+        assert np.abs(onnx_run(x[None]) - torch_run(x[None])).max() < 1e-3
+        assert scores(predict(onnx_run, case.image, cfg.size), predict(torch_run, case.image, cfg.size),
+                      case.spacing_mm)[0] > 0.99
+
+    async def serve() -> np.ndarray:
+        backend = EmbeddedBackend(repo, threads=1)
+        await backend.start(["unet_smoke"])
+        try:
+            x, _ = model_image(dev[0].image, cfg.size)
+            out = await backend.infer("unet_smoke", {"image": x[None]}, ["logits"])
+            return out["logits"]
+        finally:
+            await backend.close()
+
+    served = asyncio.run(serve())
+    x, _ = model_image(dev[0].image, cfg.size)
+    assert served.shape == (1, 2, 64, 64)
+    assert np.abs(served - torch_run(x[None])).max() < 1e-3
+    assert time.monotonic() - start < 180

@@ -1,0 +1,251 @@
+"""``python -m training SUBCOMMAND``: weak labels -> pseudo-labels -> QC -> training -> evaluation -> export.
+
+Examples (defaults read ``../shared/data``)::
+
+    python -m training simulate --structure brain --out runs/brain/weak
+    python -m training import --data DIR --coco boxes.json --scribbles scribble_pngs/ --out runs/x/weak
+    python -m training pseudo-label --structure brain --weak runs/brain/weak --out runs/brain/pseudo
+    python -m training qc --structure brain --weak runs/brain/weak --pseudo runs/brain/pseudo --out runs/brain/qc
+    python -m training train --structure brain --method box --weak runs/brain/weak --run-dir runs/brain/box
+    python -m training evaluate --checkpoint runs/brain/box/checkpoint.pt
+    python -m training export --checkpoint runs/brain/box/checkpoint.pt --name unet_brain
+    python -m training experiment --structures brain,caudate --iterations 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from training import data, labelling, qc
+from training import weak_labels as wl
+from training.train import METHODS, TrainConfig
+
+
+def _cases(args: argparse.Namespace, split: str = "train") -> list[data.Case]:
+    folder = args.data or data.SHARED_DATA / split
+    cases = data.load_cases(folder, args.structure or "unknown")
+    gap = args.min_dev_gap if split == "train" else None
+    return data.select(cases, args.structure, gap, args.limit)
+
+
+def _common(p: argparse.ArgumentParser, split: str = "train") -> None:
+    p.add_argument("--data", type=Path, default=None, help=f"case folder (default ../shared/data/{split})")
+    p.add_argument("--structure", default=None, help="keep only cases of this structure")
+    p.add_argument("--min-dev-gap", type=int, default=3, help="drop train slices closer than this to a dev slice")
+    p.add_argument("--limit", type=int, default=None, help="at most this many cases")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--size", type=int, default=d.size, help="model input side (multiple of 8)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--size-weight", type=float, default=d.size_weight)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _config(args: argparse.Namespace, **kw) -> TrainConfig:
+    return TrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, size=args.size,
+                       seed=args.seed, threads=args.threads, size_weight=args.size_weight, **kw)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    cases = _cases(args)
+    labelling.simulate_all(cases, tuple(args.kinds.split(",")), args.seed, args.box_noise, args.out)
+    (args.out / "simulation.json").write_text(json.dumps({"kinds": args.kinds, "seed": args.seed,
+                                                          "box_noise": args.box_noise, "cases": len(cases)}))
+    print(f"wrote weak labels of {len(cases)} cases to {args.out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    cases = _cases(args)
+    shapes = {c.case_id: c.mask.shape for c in cases}
+    labels = wl.load_coco(args.coco, shapes) if args.coco else {}
+    for case in cases:
+        w = labels.get(case.case_id, wl.WeakLabels(case.case_id, case.mask.shape))
+        png = args.scribbles / f"{case.case_id}.png" if args.scribbles else None
+        if png is not None and png.is_file():
+            w = replace(w, scribbles=wl.load_scribble_png(png))
+        wl.save(w, args.out)
+    print(f"wrote weak labels of {len(cases)} cases to {args.out}")
+    return 0
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    cases = _cases(args)
+    weak = labelling.load_all(cases, args.weak)
+    pseudo, results = labelling.pseudo_label_all(cases, weak, args.repository, args.out, threads=args.threads,
+                                                 reuse=not args.force)
+    print(f"pseudo-labels of {len(pseudo)} cases in {args.out}; "
+          f"{sum(1 for r in results if r.flags)} flagged, report {args.out / 'qc' / 'qc.md'}")
+    return 0
+
+
+def cmd_qc(args: argparse.Namespace) -> int:
+    from training import pseudo_labels as pl
+
+    cases = _cases(args)
+    weak = labelling.load_all(cases, args.weak)
+    results, pictures = [], {}
+    for case in cases:
+        w = weak.get(case.case_id)
+        if w is None:
+            continue
+        flags = []
+        pseudo = pl.load(args.pseudo, case.case_id) if args.pseudo and (args.pseudo / f"{case.case_id}.npz").is_file() else None
+        if pseudo is not None and w.boxes is not None:
+            flags += qc.check_boxes(case.case_id, w.boxes, pseudo)
+        if w.scribbles is not None:
+            flags += qc.check_scribbles(case.case_id, case.image, w.scribbles)
+        results.append(qc.CaseQC(case.case_id, flags))
+        if flags:
+            pictures[case.case_id] = qc.overlay(case.image, w.boxes, None if pseudo is None else pseudo.prob > 0.5,
+                                                w.scribbles)
+    report = qc.write_report(results, args.out, pictures)
+    print(f"{sum(1 for r in results if r.flags)} of {len(results)} cases flagged; report {report}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training import pseudo_labels as pl
+    from training.samples import prepare
+    from training.train import common_size_bounds, train
+
+    cases = _cases(args)
+    weak = labelling.load_all(cases, args.weak) if args.weak else {}
+    pseudo = {c.case_id: pl.load(args.pseudo, c.case_id) for c in cases
+              if args.pseudo and (args.pseudo / f"{c.case_id}.npz").is_file()}
+    samples = prepare(cases, args.size, weak, pseudo)
+    lower, upper = common_size_bounds(samples)
+    cfg = _config(args, method=args.method, structure=args.structure or "unknown", size_lower=lower, size_upper=upper)
+    result = train(cfg, samples, args.run_dir, resume=not args.restart, progress=not args.no_progress)
+    print(f"{result.iterations} iterations in {result.seconds:.0f} s; loss {result.history[0]:.4f} -> "
+          f"{sum(result.history[-10:]) / len(result.history[-10:]):.4f}; checkpoint {args.run_dir / 'checkpoint.pt'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, onnx_predictor, summarise, torch_predictor
+    from training.train import load_model
+
+    model, cfg = load_model(args.checkpoint)
+    args.structure = args.structure or cfg.structure
+    cases = _cases(args, "dev")
+    predictor = onnx_predictor(str(args.onnx)) if args.onnx else torch_predictor(model)
+    scores = evaluate(predictor, cases, cfg.size)
+    for s in scores:
+        print(f"{s.case_id}\tDice {s.dice:.3f}\tHD95 {s.hd95_mm:.1f} mm")
+    for s in summarise(scores):
+        print(json.dumps(asdict(s)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.unet import export_checkpoint
+
+    for path in export_checkpoint(args.checkpoint, args.repository, args.name, args.target, args.version):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from training.experiment import ExperimentConfig, run, write_doc
+
+    base = _config(args)
+    cfg = ExperimentConfig(structures=tuple(args.structures.split(",")), methods=tuple(args.methods.split(",")),
+                           min_dev_gap=args.min_dev_gap, work=args.work, repository=args.repository, base=base)
+    rows = run(cfg, progress=not args.no_progress)
+    command = "python -m training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_doc(args.doc, rows, command)
+    print(f"results in {args.work / 'results.json'} and {args.doc}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("-v", "--verbose", action="store_true")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate weak labels from full masks (seeded)")
+    _common(p)
+    p.add_argument("--kinds", default=",".join(wl.DEFAULT_KINDS), help=f"comma list of {wl.KINDS}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--box-noise", type=float, default=0.1)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("import", help="weak labels from a COCO JSON (boxes, points) and scribble PNGs")
+    _common(p)
+    p.add_argument("--coco", type=Path, default=None)
+    p.add_argument("--scribbles", type=Path, default=None, help="folder of CASE.png: 0 none, 1 bg, 2 fg")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("pseudo-label", help="LiteMedSAM inside each box (served ONNX models) + QC report")
+    _common(p)
+    p.add_argument("--weak", type=Path, required=True)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="recompute cached pseudo-labels")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_pseudo_label)
+
+    p = sub.add_parser("qc", help="flag weak annotations that disagree with the image")
+    _common(p)
+    p.add_argument("--weak", type=Path, required=True)
+    p.add_argument("--pseudo", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_qc)
+
+    p = sub.add_parser("train", help="train the U-Net from one kind of supervision (resumes by default)")
+    _common(p)
+    _train_args(p)
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--weak", type=Path, default=None)
+    p.add_argument("--pseudo", type=Path, default=None)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 on dev cases of the checkpoint's structure")
+    _common(p, "dev")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--onnx", type=Path, default=None, help="evaluate this exported file instead of PyTorch")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX + config.pbtxt in the model repository")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--name", required=True, help="served model name, e.g. unet_brain")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--version", type=int, default=1)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("experiment", help="full vs weak supervision table -> docs/TRAINING.md")
+    _train_args(p)
+    p.add_argument("--structures", default="brain,caudate")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--min-dev-gap", type=int, default=3)
+    p.add_argument("--work", type=Path, default=Path("runs/experiment"))
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--doc", type=Path, default=Path("docs/TRAINING.md"))
+    p.set_defaults(func=cmd_experiment)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
