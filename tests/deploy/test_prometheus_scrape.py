@@ -138,7 +138,8 @@ def test_alert_rules_evaluate_cleanly_and_stay_silent_on_a_healthy_stack(stack):
     assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
     for rule in rules:
         assert rule["health"] == "ok" and not rule.get("lastError"), rule
-    assert prom.query('ALERTS{alertstate="firing"}') == []
+    # nothing pending or firing (every rule has a 'for', so pending is what a short run can see)
+    assert prom.query("ALERTS") == []
 
 
 def test_dashboard_queries_run_on_live_series(stack):
