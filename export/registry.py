@@ -83,7 +83,7 @@ def export_medsam_lite(opts: ExportOptions) -> list[Path]:
         export_onnx(ml.DecoderForExport(net), inputs, ["low_res_masks", "iou_predictions"], dynamic, dec_path)
         written.append(dec_path)
     for entry in (encoder_entry, decoder_entry):
-        written.append(write_config(opts.repository, entry, opts.target))
+        written.append(write_config(opts.repository, entry, opts.target, version=opts.version))
     return written
 
 

@@ -13,6 +13,7 @@ the gateway and the python-backend model read back.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +81,19 @@ def render_config(model: RepositoryModel, target: str, instances: int = 1) -> st
     return header + text_format.MessageToString(build_config(model, target, instances))
 
 
-def write_config(repository: Path, model: RepositoryModel, target: str, instances: int = 1) -> Path:
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+
+
+def write_config(repository: Path, model: RepositoryModel, target: str, instances: int = 1, version: int = 1) -> Path:
+    """Write ``<repository>/<model>/config.pbtxt``; for the cpu target also the python-backend
+    ``<version>/model.py`` that runs the ONNX file beside it."""
     path = repository / model.name / "config.pbtxt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_config(model, target, instances))
+    if target == "cpu":
+        version_dir = path.parent / str(version)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PYTHON_MODEL, version_dir / "model.py")
     return path
 
 

@@ -16,6 +16,7 @@ from service.pipeline import SamPipeline
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+START_RETRY_S = 1.0
 
 
 class StartupError(RuntimeError):
@@ -59,12 +60,19 @@ class Gateway:
         if self.settings.startup_delay_s > 0:
             await asyncio.sleep(self.settings.startup_delay_s)
         names = [m for p in self.pipelines.values() for m in (p.model.encoder.name, p.model.decoder.name)]
-        try:
-            await self.backend.start(names)
-            for pipeline in self.pipelines.values():
-                await pipeline.warmup()
-        except errors.ServiceError as exc:
-            raise StartupError(exc.message) from exc
+        while True:
+            try:
+                await self.backend.start(names)
+                for pipeline in self.pipelines.values():
+                    await pipeline.warmup()
+                break
+            except errors.Unavailable as exc:
+                if not getattr(self.backend, "retry_start", False):
+                    raise StartupError(exc.message) from exc
+                log.warning("backend not ready yet (%s); retrying in %.0f s", exc.message, START_RETRY_S)
+                await asyncio.sleep(START_RETRY_S)
+            except errors.ServiceError as exc:
+                raise StartupError(exc.message) from exc
         await self._set_ready(True)
 
     async def watch_backend(self, interval_s: float = 1.0) -> None:

@@ -119,3 +119,70 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def free_port() -> int:
+    """A currently free loopback port (for servers, like tritonserver, that cannot bind port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonProcess:
+    """A real ``tritonserver`` from the nvidia-pytriton wheel, on loopback ports, stopped by PID."""
+
+    def __init__(self, tmp: Path, repository: Path = MODEL_REPOSITORY) -> None:
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.repository = repository
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = self.tmp / "tritonserver.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 120.0) -> "TritonProcess":
+        from export.tritonserver import command
+
+        argv, env = command(self.repository, self.grpc_port, self.http_port, self.metrics_port,
+                            cache=REPO / ".cache" / "triton-backends")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, "tritonserver readiness", interval=0.2)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def kill(self) -> None:
+        """A crash: SIGKILL by PID, no chance to drain."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()

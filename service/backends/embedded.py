@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 class EmbeddedBackend:
     name = "embedded"
+    retry_start = False  # a missing or corrupt model file will not fix itself
 
     def __init__(self, repository: Path, threads: int = 0, workers: int = 2) -> None:
         self._repository = Path(repository)

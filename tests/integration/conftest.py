@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.client import SegmentationClient
-from tests.harness import GatewayProcess, ensure_models
+from tests.harness import GatewayProcess, TritonProcess, ensure_models
 
 # Small enough to test RESOURCE_EXHAUSTED cheaply, large enough for every real test image.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
@@ -30,3 +30,22 @@ def gateway(model_repository, tmp_path_factory):
 def client(gateway):
     with SegmentationClient(gateway.target, timeout=60.0, max_message_mb=32) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository, tmp_path_factory):
+    """A real tritonserver (nvidia-pytriton wheel, python backend + ONNX Runtime) on loopback."""
+    proc = TritonProcess(tmp_path_factory.mktemp("triton")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_gateway(triton, tmp_path_factory):
+    """A second real gateway, ``--backend triton``, in front of the ``triton`` fixture."""
+    proc = GatewayProcess(tmp_path_factory.mktemp("gateway-triton"), "--backend", "triton",
+                          "--triton-url", triton.grpc_target, "--max-prompts", "8",
+                          "--backend-timeout-s", "120")
+    proc.start().wait_serving()
+    yield proc
+    proc.stop()

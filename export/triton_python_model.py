@@ -1,0 +1,83 @@
+"""Triton python-backend model running an ONNX file with ONNX Runtime (the CPU target).
+
+``python -m export`` copies this file to ``<model>/<version>/model.py``. Tensor names and
+dtypes come from the model's own ``config.pbtxt`` (passed in ``args["model_config"]``),
+never from this file. With ``max_batch_size > 0`` all requests of one dynamic batch are
+concatenated along the batch axis and run in one ONNX Runtime call.
+
+Parameters read from config.pbtxt: ``onnx_filename`` (default model.onnx) and optionally
+``ort_intra_op_threads``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils  # provided by the python backend
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_filename", "model.onnx"))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(params.get("ort_intra_op_threads", "0") or 0)
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
+        self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
+        served = {i.name for i in self.session.get_inputs()}
+        if served != {name for name, _ in self.inputs}:
+            raise pb_utils.TritonModelException(f"{path}: ONNX inputs {sorted(served)} differ from config.pbtxt")
+
+    def _feeds(self, request) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, dtype in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input {name}")
+            feeds[name] = tensor.as_numpy().astype(dtype, copy=False)
+        return feeds
+
+    def _responses(self, results: list[np.ndarray]):
+        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(r.astype(dtype, copy=False)))
+                   for (name, dtype), r in zip(self.outputs, results)]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def execute(self, requests):
+        names = [name for name, _ in self.outputs]
+        responses: list = [None] * len(requests)
+        feeds, good = [], []
+        for i, request in enumerate(requests):
+            try:
+                feeds.append(self._feeds(request))
+                good.append(i)
+            except Exception as exc:  # noqa: BLE001 - answered as a per-request error
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}"))
+        if not good:
+            return responses
+        try:
+            if self.batched and len(good) > 1:
+                sizes = [next(iter(f.values())).shape[0] for f in feeds]
+                joined = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+                results = self.session.run(names, joined)
+                offsets = np.cumsum([0, *sizes])
+                for k, i in enumerate(good):
+                    responses[i] = self._responses([r[offsets[k]:offsets[k + 1]] for r in results])
+            else:
+                for f, i in zip(feeds, good):
+                    responses[i] = self._responses(self.session.run(names, f))
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime errors become request errors
+            for i in good:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {exc}"))
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None
