@@ -39,8 +39,48 @@ class Settings:
     # Wait this long before loading models (exercises probes and clients during start-up).
     startup_delay_s: float = 0.0
     log_level: str = "INFO"
-    # After binding, write {"grpc": port, "metrics": port, "pid": pid} here (for tests and supervisors).
+    # After binding, write {"grpc": port, "metrics": port, "health": port, "pid": pid} here
+    # (for tests and supervisors).
     port_file: str = ""
+
+    # --- transport security (service/tls.py) -----------------------------------------
+    # Server certificate chain and key (PEM). Both set: TLS on the gRPC port; both files are
+    # re-read when they change (certificate rotation without a restart).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA bundle (PEM) that client certificates must chain to; set: mutual TLS is required.
+    tls_client_ca_file: str = ""
+    # Explicitly allow plaintext gRPC and no authentication on a non-loopback address
+    # (local development only). Without it such a listener needs TLS and credentials.
+    insecure: bool = False
+    # A plaintext port serving only grpc.health.v1 (kubelet gRPC probes cannot do TLS or
+    # send tokens); -1 disables it, 0 picks a free port.
+    health_host: str = "127.0.0.1"
+    health_port: int = -1
+
+    # --- authentication and authorisation (service/auth.py) ---------------------------
+    # Static bearer tokens: one "sha256:<hex of the token> <caller> <model,model|*>" per line.
+    auth_tokens_file: str = ""
+    # JWT bearer tokens: a JWKS file (public keys), the required issuer and audience.
+    auth_jwks_file: str = ""
+    auth_jwt_issuer: str = ""
+    auth_jwt_audience: str = ""
+    auth_jwt_leeway_s: float = 30.0
+    # Claim holding the models a JWT caller may use (list or space-separated; "*" = all).
+    auth_jwt_models_claim: str = "medseg_models"
+    # grpc.health.v1 and server reflection answer without a token (probes cannot send one).
+    auth_exempt_health: bool = True
+    auth_exempt_reflection: bool = True
+
+    # --- overload control (service/admission.py) --------------------------------------
+    # Segment/EmbedImage calls running at once, and calls waiting for a slot; beyond both,
+    # RESOURCE_EXHAUSTED at once. A waiting call gives up at its own deadline.
+    max_inflight: int = 4
+    max_queue: int = 16
+
+    # --- audit (service/audit.py) -----------------------------------------------------
+    # Where the one-JSON-line-per-RPC audit log goes: "-" = stderr, else a file (appended).
+    audit_log: str = "-"
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -70,4 +110,12 @@ class Settings:
         settings = cls(**vars(args))
         if settings.backend not in BACKENDS:
             parser.error(f"--backend must be one of {BACKENDS}")
+        if settings.max_inflight < 1 or settings.max_queue < 0:
+            parser.error("--max-inflight must be >= 1 and --max-queue >= 0")
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            parser.error("--tls-cert-file and --tls-key-file go together")
+        if settings.tls_client_ca_file and not settings.tls_cert_file:
+            parser.error("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
+        if settings.auth_jwks_file and not (settings.auth_jwt_issuer and settings.auth_jwt_audience):
+            parser.error("--auth-jwks-file needs --auth-jwt-issuer and --auth-jwt-audience")
         return settings
