@@ -8,6 +8,17 @@ Example::
         result = client.segment(image=image_from_file("ct.dcm"), boxes=[(40, 52, 98, 110)])
         mask = result.masks[0]          # bool (H, W) at the input image's size
 
+Over TLS, with a client certificate (mutual TLS) and a bearer token::
+
+    creds = tls_credentials(ca_file="hospital-ca.pem", cert_file="me.crt", key_file="me.key")
+    with SegmentationClient("seg.hospital.example:443", credentials=creds, token=token) as client:
+        ...
+
+Transport rule: without ``credentials`` the client uses plaintext only for a loopback target
+(``127.0.0.1``, ``localhost``, ``::1``) or when ``insecure=True`` is passed; any other target
+gets TLS verified against the system's trust store. A bearer token is never sent in
+plaintext to a non-loopback target unless ``insecure=True``.
+
 Coordinates are input-image pixels (x = column, y = row, origin at the top-left corner of
 the top-left pixel). Errors from the server reach the caller as :class:`grpc.RpcError`
 (``exc.code()`` is a :class:`grpc.StatusCode`); mistakes caught before sending raise
@@ -27,6 +38,7 @@ from medseg.v1 import segmentation_pb2 as pb
 from medseg.v1 import segmentation_pb2_grpc as pb_grpc
 from service.client.images import image_from_array, image_from_file
 from service.client.prompts import BoxTuple, PointTuple, build_prompts
+from service.client.security import is_loopback_target, tls_credentials
 from service.domain import MaskEncoding
 from service.mask_codec import decode_mask
 
@@ -40,6 +52,7 @@ __all__ = [
     "decode_low_res_logits",
     "image_from_array",
     "image_from_file",
+    "tls_credentials",
 ]
 
 _ENCODINGS: dict[int, MaskEncoding] = {
@@ -104,7 +117,11 @@ class SegmentationClient:
     """A blocking client for ``medseg.v1.Segmentation`` over one gRPC channel.
 
     ``target``: ``"host:port"``. ``timeout``: default deadline in seconds of every call.
-    ``credentials``: TLS channel credentials, or ``None`` for an insecure channel.
+    ``credentials``: TLS channel credentials (see :func:`tls_credentials`); ``None`` means
+    plaintext for a loopback target or with ``insecure=True``, else TLS with the system's
+    trust store. ``token``: bearer token sent as ``authorization: Bearer <token>`` on every
+    call. ``tls_server_name``: the name to verify in the server certificate when it differs
+    from the target's host (connecting by IP address, through a tunnel).
     ``max_message_mb``: send and receive message size limit, in MiB.
     Use as a context manager, or call :meth:`close`.
     """
@@ -116,18 +133,32 @@ class SegmentationClient:
         timeout: float = 60.0,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_mb: int = 64,
+        token: str | None = None,
+        insecure: bool = False,
+        tls_server_name: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         limit = int(max_message_mb) * 1024 * 1024
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-        if credentials is None:
+        options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", limit),
+                                                ("grpc.max_receive_message_length", limit)]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        # Plaintext (and so a token in clear) only to loopback or when explicitly asked for.
+        plaintext = credentials is None and (insecure or is_loopback_target(target))
+        if token is not None:
+            token = token.strip()
+            if not token or any(c.isspace() for c in token):
+                raise ValueError("the bearer token is empty or contains whitespace")
+        if plaintext:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(target, credentials or grpc.ssl_channel_credentials(), options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = pb_grpc.SegmentationStub(self._channel)
         self.target = target
         self.timeout = float(timeout)
+        self.secure = not plaintext
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -190,7 +221,7 @@ class SegmentationClient:
             request.image.CopyFrom(image)
         else:
             request.image_id = str(image_id)
-        response = self._stub.Segment(request, timeout=self._deadline(timeout))
+        response = self._stub.Segment(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return _segment_result(response, return_low_res_logits)
 
     def embed(self, image: pb.Image, model: str = "", *, timeout: float | None = None) -> EmbedResult:
@@ -199,7 +230,7 @@ class SegmentationClient:
         ``model``: ``""`` selects the server's default model. Raises :class:`grpc.RpcError`.
         """
         request = pb.EmbedImageRequest(model=model, image=image)
-        response = self._stub.EmbedImage(request, timeout=self._deadline(timeout))
+        response = self._stub.EmbedImage(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return EmbedResult(
             image_id=response.image_id,
             model_name=response.model.name,
@@ -212,7 +243,8 @@ class SegmentationClient:
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """The models the server serves, as ``pb.ModelInfo`` messages (``prompt_kinds`` are
         ``pb.PromptKind`` values; use ``pb.PromptKind.Name(k)`` for names)."""
-        response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout))
+        response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout),
+                                         metadata=self._metadata)
         return list(response.models)
 
     def _deadline(self, timeout: float | None) -> float:

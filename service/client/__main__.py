@@ -3,11 +3,19 @@
 Call :func:`main` with an argument list to run it in process; it returns the exit code
 (0 ok, 1 gRPC error, 2 usage or local file error). gRPC errors are reported as one line,
 ``error: <STATUS_CODE>: <details>``, on stderr, without a traceback.
+
+Security options (every command): ``--ca-file`` (TLS, server verified against that CA),
+``--cert-file``/``--key-file`` (mutual TLS), ``--tls`` (TLS with the system trust store),
+``--tls-server-name``, ``--token-file`` or the ``MEDSEG_TOKEN`` environment variable (bearer
+token; there is deliberately no ``--token`` flag, which would show in ``ps``), and
+``--insecure`` (plaintext to a non-loopback server, development only). Without TLS options a
+loopback server is reached in plaintext and any other server over TLS.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from medseg.v1 import segmentation_pb2 as pb
-from service.client import SegmentationClient, image_from_file
+from service.client import SegmentationClient, image_from_file, tls_credentials
 from service.client.images import SUPPORTED_SUFFIXES
 from service.client.overlay import draw_overlay, load_display_image
 
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "segment":
         _check_segment_args(parser, args)
     try:
-        with SegmentationClient(args.server, timeout=args.timeout) as client:
+        with _client(args) as client:
             if args.command == "segment":
                 return _segment(client, args)
             if args.command == "models":
@@ -170,10 +178,40 @@ def write_mask_png(mask: np.ndarray, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def _client(args: argparse.Namespace) -> SegmentationClient:
+    """The client the security flags ask for; ValueError/OSError on unusable files."""
+    if bool(args.cert_file) != bool(args.key_file):
+        raise ValueError("--cert-file and --key-file go together (mutual TLS)")
+    if args.insecure and (args.tls or args.ca_file or args.cert_file):
+        raise ValueError("--insecure cannot be combined with TLS options")
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file:
+        credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file)
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    elif os.environ.get("MEDSEG_TOKEN"):
+        token = os.environ["MEDSEG_TOKEN"].strip()
+    return SegmentationClient(args.server, timeout=args.timeout, credentials=credentials, token=token,
+                              insecure=args.insecure, tls_server_name=args.tls_server_name)
+
+
 def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="gateway address")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
                         help="deadline of the call in seconds (default: 60)")
+    security = parser.add_argument_group(
+        "security", "Without TLS options: plaintext to a loopback server, TLS (system trust store) otherwise.")
+    security.add_argument("--tls", action="store_true", help="use TLS even for a loopback server")
+    security.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify the server with (implies TLS)")
+    security.add_argument("--cert-file", metavar="PEM", help="client certificate for mutual TLS (with --key-file)")
+    security.add_argument("--key-file", metavar="PEM", help="client private key for mutual TLS")
+    security.add_argument("--tls-server-name", metavar="NAME",
+                          help="name to verify in the server certificate when it differs from HOST")
+    security.add_argument("--token-file", metavar="FILE",
+                          help="file holding the bearer token (default: environment variable MEDSEG_TOKEN)")
+    security.add_argument("--insecure", action="store_true",
+                          help="plaintext even to a non-loopback server (development only)")
 
 
 def _add_image(parser: argparse.ArgumentParser) -> None:
