@@ -87,20 +87,21 @@ def bench_reference(images: Images, n: int, threads: int) -> dict:
 
 
 def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concurrency: list[int],
-                  n_concurrent: int) -> dict:
+                  n_concurrent: int, model: str = "") -> dict:
     with SegmentationClient(target, timeout=600) as client:
         def new() -> str:
-            return client.segment(image=image_from_array(images.next(), window=WINDOW), boxes=[BOX]).image_id
+            return client.segment(image=image_from_array(images.next(), window=WINDOW), boxes=[BOX],
+                                  model=model).image_id
 
         image_id = new()  # warm-up
         new_lat = measure.timed(new, n_new)
-        follow = measure.timed(lambda: client.segment(image_id=image_id, boxes=[BOX]), n_cached)
+        follow = measure.timed(lambda: client.segment(image_id=image_id, boxes=[BOX], model=model), n_cached)
     throughput = {}
     for c in concurrency:
         def worker(k: int) -> list[float]:
             with SegmentationClient(target, timeout=600) as cl:
                 return measure.timed(lambda: cl.segment(image=image_from_array(images.next(), window=WINDOW),
-                                                        boxes=[BOX]), k)
+                                                        boxes=[BOX], model=model), k)
 
         per = [n_concurrent // c + (1 if i < n_concurrent % c else 0) for i in range(c)]
         start = time.perf_counter()
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--no-int8", action="store_true", help="skip the INT8 encoder variant")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
@@ -131,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     print("model time in process (ONNX Runtime) ...", flush=True)
     results["model_time"] = measure.model_time(REPO / "model_repository", images.next(), WINDOW, BOX)
     results["encoder_gflop"] = measure.encoder_gflop()
+    int8 = not args.no_int8
+    if int8:
+        int8_file = REPO / "model_repository" / "medsam_lite_int8_encoder" / "1" / "model.onnx"
+        if not int8_file.is_file():
+            subprocess.run([sys.executable, "-m", "export", "medsam_lite_int8", "--check-cases", "0"], cwd=REPO,
+                           check=True)
+        results["model_time_int8"] = measure.model_time(REPO / "model_repository", images.next(), WINDOW, BOX,
+                                                        encoder="medsam_lite_int8_encoder")
     print("reference (PyTorch, in process) ...", flush=True)
     # In a child process so its peak memory is its own.
     ref = subprocess.run([sys.executable, "-c", "import json,sys; sys.path.insert(0, %r); from bench.run_benchmarks "
@@ -145,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
             run["stage_seconds"] = measure.stage_means(gw.metrics_text())
             results["runs"]["gateway_embedded"] = run
+            if int8:
+                print("gateway, embedded backend, INT8 encoder ...", flush=True)
+                run = bench_gateway(gw.target, images, n_new, n_cached, [1], n_conc // 2, model="medsam_lite_int8")
+                results["runs"]["gateway_embedded_int8"] = run
         finally:
             gw.stop()
         if not args.no_triton:

@@ -100,7 +100,14 @@ def export_unet(opts: ExportOptions) -> list[Path]:
     return written
 
 
+def export_medsam_lite_int8(opts: ExportOptions) -> list[Path]:
+    from export.quantize import export_medsam_lite_int8 as export
+
+    return export(opts)
+
+
 EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
     "medsam_lite": export_medsam_lite,
+    "medsam_lite_int8": export_medsam_lite_int8,
     "unet": export_unet,
 }

@@ -59,7 +59,8 @@ class Gateway:
         """Load every model and warm it up; raises StartupError with a clear message."""
         if self.settings.startup_delay_s > 0:
             await asyncio.sleep(self.settings.startup_delay_s)
-        names = [m for p in self.pipelines.values() for m in (p.model.encoder.name, p.model.decoder.name)]
+        names = list(dict.fromkeys(m for p in self.pipelines.values()
+                                   for m in (p.model.encoder.name, p.model.decoder.name)))  # decoders may be shared
         while True:
             try:
                 await self.backend.start(names)

@@ -78,10 +78,16 @@ def discover(repository: Path, default_model: str) -> dict[str, SamModel]:
     for e in entries:
         if "medseg.model" in e.parameters:
             by_model.setdefault(e.parameters["medseg.model"], {})[e.parameters.get("medseg.role", "")] = e
+    by_name = {e.name: e for e in entries}
     models = {}
     for name, roles in by_model.items():
-        enc, dec = roles.get("image_encoder"), roles.get("prompt_decoder")
-        if enc is None or dec is None:
+        enc = roles.get("image_encoder")
+        if enc is None:
+            continue
+        # An encoder may share another model's prompt decoder (e.g. an INT8 encoder variant).
+        shared = enc.parameters.get("medseg.decoder")
+        dec = by_name.get(shared) if shared else roles.get("prompt_decoder")
+        if dec is None:
             continue
         p = enc.parameters
         info = ModelInfo(name=name, version=p.get("medseg.version", "1"), input_size=int(p["medseg.input_size"]),
