@@ -257,9 +257,8 @@ async def create_server(settings: Settings, gateway: Gateway, authenticator: Aut
 def _security(settings: Settings) -> tuple[Authenticator, grpc.ServerCredentials | None]:
     """Authentication and TLS from the settings; StartupError on anything missing or unsafe."""
     check_exposure(settings)
-    authenticator = Authenticator.from_settings(settings)
     credentials = ReloadingCredentials(settings).credentials if tls_enabled(settings) else None
-    return authenticator, credentials
+    return Authenticator.from_settings(settings), credentials
 
 
 async def serve(settings: Settings) -> int:
