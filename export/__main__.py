@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=sorted(EXPORTERS))
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu",  # medsam_lite_tensorrt: always tensorrt
                         help="cpu: Triton python backend + ONNX Runtime; gpu: onnxruntime backend + TensorRT FP16")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="where the checkpoint is copied")
     parser.add_argument("--force", action="store_true", help="re-export even if the ONNX files exist")

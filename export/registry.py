@@ -106,8 +106,15 @@ def export_medsam_lite_int8(opts: ExportOptions) -> list[Path]:
     return export(opts)
 
 
+def export_medsam_lite_tensorrt(opts: ExportOptions) -> list[Path]:
+    from export.tensorrt_engines import export_medsam_lite_tensorrt as export
+
+    return export(opts)
+
+
 EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
     "medsam_lite": export_medsam_lite,
     "medsam_lite_int8": export_medsam_lite_int8,
+    "medsam_lite_tensorrt": export_medsam_lite_tensorrt,
     "unet": export_unet,
 }

@@ -5,6 +5,8 @@
   the same file.
 * ``gpu``: Triton's native ``onnxruntime`` backend on GPU instances with TensorRT FP16
   acceleration (``optimization.execution_accelerators``), as the NGC container serves it.
+* ``tensorrt``: prebuilt FP16 TensorRT engines (``platform: tensorrt_plan``), written by
+  :mod:`export.tensorrt_engines` on a GPU node.
 
 The config is built as Triton's own ``ModelConfig`` protobuf, so a misspelt field cannot be
 written. Tensor names, dtypes and dims written here are the single source of truth that
@@ -20,7 +22,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-TARGETS = ("cpu", "gpu")
+TARGETS = ("cpu", "gpu", "tensorrt")
+PLAN_FILENAME = "model.plan"
 ONNX_FILENAME = "model.onnx"
 
 
@@ -60,6 +63,11 @@ def build_config(model: RepositoryModel, target: str, instances: int = 1) -> mc.
         cfg.backend = "python"
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
         params["onnx_filename"] = ONNX_FILENAME
+    elif target == "tensorrt":
+        cfg.backend = "tensorrt"
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = PLAN_FILENAME
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=instances)
     else:
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = ONNX_FILENAME
