@@ -49,6 +49,8 @@ from service.tls import ReloadingCredentials, check_exposure, peer_common_name, 
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# The gateway's own deadline for a call ends this much before the client's.
+DEADLINE_MARGIN_S = 0.05
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -131,9 +133,10 @@ def rpc(method: str, *, admitted: bool = True):
                 return response
             except asyncio.CancelledError:
                 # grpc cancels the handler when the client goes away or its deadline passes
+                # (the client's clock runs a little ahead of ours: its deadline cancels us just before)
                 remaining = context.time_remaining()
-                code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                        else grpc.StatusCode.CANCELLED)
+                expired = remaining is not None and remaining <= 2 * DEADLINE_MARGIN_S
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped right here
                 code = status_for(exc)
@@ -169,6 +172,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         inside an admission slot when ``admitted``. A call without a deadline waits for a slot
         at most --backend-timeout-s."""
         remaining = context.time_remaining()
+        if remaining is not None:  # finish (with DEADLINE_EXCEEDED) just before the client gives up
+            remaining = max(0.0, remaining - DEADLINE_MARGIN_S)
         with deadline.bounded(remaining):
             try:
                 async with asyncio.timeout(remaining) as limit:

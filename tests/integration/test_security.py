@@ -95,7 +95,8 @@ def _code(fn) -> grpc.StatusCode:
 def test_segment_over_mutual_tls_with_a_static_token(secure_gateway, pki, shared_data):
     files, _ = pki
     with _client(secure_gateway, files) as client:
-        result = client.segment(image=image_from_file(shared_data / "dicom" / "CT_small.dcm"), boxes=[(30, 30, 100, 100)])
+        result = client.segment(image=image_from_file(shared_data / "dicom" / "CT_small.dcm"),
+                                boxes=[(30, 30, 100, 100)])
     assert result.masks[0].shape == (128, 128) and result.masks[0].any()
 
 

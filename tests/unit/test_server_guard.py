@@ -31,6 +31,7 @@ MODELS = {name: ModelInfo(name, "1", 256, BOX, BOX, is_default=name == "medsam_l
           for name in ("medsam_lite", "other")}
 IMAGE = pb.Image(raw=pb.RawArray(dtype=pb.DTYPE_UINT8, shape=[8, 10], data=bytes(80)))
 REQUEST = pb.SegmentRequest(image=IMAGE, prompts=[pb.Prompt(box=pb.Box(x0=1, y0=1, x1=5, y1=5))])
+OTHER_MODEL = pb.SegmentRequest(model="other", image=IMAGE, prompts=REQUEST.prompts)
 
 
 class FakeGateway:
@@ -116,8 +117,7 @@ def test_credentials_and_allow_list_give_their_status_codes(tokens_file, audit_l
             "none": await _code(stub.Segment(REQUEST, timeout=5)),
             "wrong": await _code(stub.Segment(REQUEST, timeout=5, metadata=(("authorization", "Bearer nope"),))),
             "allowed": await _code(stub.Segment(REQUEST, timeout=5, metadata=AUTH)),
-            "forbidden": await _code(stub.Segment(pb.SegmentRequest(model="other", image=IMAGE,
-                                                                    prompts=REQUEST.prompts), timeout=5, metadata=AUTH)),
+            "forbidden": await _code(stub.Segment(OTHER_MODEL, timeout=5, metadata=AUTH)),
             "embed_forbidden": await _code(stub.EmbedImage(pb.EmbedImageRequest(model="x", image=IMAGE), timeout=5,
                                                            metadata=AUTH)),
             "list_without_token": await _code(stub.ListModels(pb.ListModelsRequest(), timeout=5)),
