@@ -166,7 +166,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                            min_dev_gap=args.min_dev_gap, work=args.work, repository=args.repository, base=base)
     rows = run(cfg, progress=not args.no_progress)
     command = "python -m training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_doc(args.doc, rows, command)
+    write_doc(args.doc, rows, command, args.doc_section)
     print(f"results in {args.work / 'results.json'} and {args.doc}")
     return 0
 
@@ -240,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("runs/experiment"))
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--doc", type=Path, default=Path("docs/TRAINING.md"))
+    p.add_argument("--doc-section", default="results", help="marker name of the table's block in --doc")
     p.set_defaults(func=cmd_experiment)
     return top
 

@@ -171,7 +171,10 @@ def write_report(results: list[CaseQC], folder: Path, pictures: dict[str, np.nda
         from PIL import Image
 
         for case_id, rgb in pictures.items():
-            Image.fromarray(rgb).save(folder / f"{case_id}.png")
+            picture = Image.fromarray(rgb)
+            zoom = max(1, 512 // max(picture.size))  # small slices are hard to review at 1:1
+            picture.resize((picture.width * zoom, picture.height * zoom), Image.Resampling.NEAREST).save(
+                folder / f"{case_id}.png")
     path = folder / "qc.md"
     path.write_text("\n".join(lines) + "\n")
     return path

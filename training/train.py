@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 100
-    size_weight: float = 0.1
+    size_weight: float = 1.0
     size_lower: float = 0.0   # model-frame pixels; set from the data by `common_size_bounds`
     size_upper: float = 0.0
     augment: bool = True
@@ -74,7 +74,8 @@ class TrainResult:
     model: torch.nn.Module
     history: list[float]
     iterations: int
-    seconds: float
+    seconds: float      # wall clock of the training loop (all sessions of a resumed run)
+    cpu_seconds: float  # CPU time of this process in the loop (less sensitive to a busy machine)
 
 
 def common_size_bounds(samples: SampleSet, slack: float = 0.1) -> tuple[float, float]:
@@ -110,13 +111,14 @@ def _lr(cfg: TrainConfig, iteration: int) -> float:
 
 
 def save_checkpoint(path: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, iteration: int, history: list[float], seconds: float) -> None:
+                    generator: torch.Generator, iteration: int, history: list[float], seconds: float,
+                    cpu_seconds: float = 0.0) -> None:
     """Atomically write everything needed to resume (and to export: ``config`` + ``model``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "iteration": iteration, "history": history,
-                "seconds": seconds}, tmp)
+                "seconds": seconds, "cpu_seconds": cpu_seconds}, tmp)
     tmp.replace(path)
 
 
@@ -142,7 +144,7 @@ def train(cfg: TrainConfig, samples: SampleSet, run_dir: Path, resume: bool = Tr
     model = build_network(cfg.network, cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start, history, seconds = 0, [], 0.0
+    start, history, seconds, cpu = 0, [], 0.0, 0.0
     path = run_dir / CHECKPOINT
     if resume and path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -153,6 +155,7 @@ def train(cfg: TrainConfig, samples: SampleSet, run_dir: Path, resume: bool = Tr
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start, history, seconds = int(state["iteration"]), list(state["history"]), float(state["seconds"])
+        cpu = float(state.get("cpu_seconds", 0.0))
         log.info("resuming %s at iteration %d", run_dir, start)
     (run_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -160,8 +163,7 @@ def train(cfg: TrainConfig, samples: SampleSet, run_dir: Path, resume: bool = Tr
     model.train()
     bar = tqdm(range(start, end), initial=start, total=cfg.iterations, disable=not progress,
                desc=f"{cfg.structure}/{cfg.method}", leave=False, mininterval=2.0)
-    t0 = time.perf_counter()
-    it = start
+    t0, c0 = time.perf_counter(), time.process_time()
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr(cfg, it)
@@ -174,10 +176,11 @@ def train(cfg: TrainConfig, samples: SampleSet, run_dir: Path, resume: bool = Tr
         if (it + 1) % 10 == 0:
             bar.set_postfix(loss=f"{sum(history[-10:]) / 10:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < end:
-            save_checkpoint(path, cfg, model, optimizer, generator, it + 1,
-                            history, seconds + time.perf_counter() - t0)
+            save_checkpoint(path, cfg, model, optimizer, generator, it + 1, history,
+                            seconds + time.perf_counter() - t0, cpu + time.process_time() - c0)
     bar.close()
     seconds += time.perf_counter() - t0
+    cpu += time.process_time() - c0
     done = len(history)
-    save_checkpoint(path, cfg, model, optimizer, generator, done, history, seconds)
-    return TrainResult(model.eval(), history, done, seconds)
+    save_checkpoint(path, cfg, model, optimizer, generator, done, history, seconds, cpu)
+    return TrainResult(model.eval(), history, done, seconds, cpu)

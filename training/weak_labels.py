@@ -15,7 +15,9 @@ annotation depends only on the seed and its id, never on the order of cases):
   each component eroded by ``margin`` pixels (the plain skeleton where erosion empties it),
   cut to the part within geodesic distance ``fraction * length`` of a random skeleton pixel;
   background strokes are the same cut of the ring at ``bg_distance`` pixels outside the mask
-  (contour of the dilated mask), so background scribbles surround the structure. Stroke
+  (contour of the dilated mask), so background scribbles surround the structure, and of
+  the skeleton of the far background (farther than ``2 * bg_distance`` from the mask,
+  eroded by ``margin``), so they also reach the rest of the image. Stroke
   values: 1 foreground, 0 background, -1 unlabelled. Foreground strokes lie inside the
   mask, background strokes outside it, by construction.
 * **points**: ``n_positive`` pixel centres drawn uniformly from the mask eroded by ``margin``
@@ -141,6 +143,11 @@ def scribbles(mask: np.ndarray, rng: np.random.Generator, margin: int = 2, fract
     labels, n = ndimage.label(ring, structure=np.ones((3, 3), bool))
     for i in range(1, n + 1):
         out[_geodesic_cut(labels == i, rng, fraction)] = 0
+    far = ndimage.binary_erosion(~ndimage.binary_dilation(mask, iterations=2 * bg_distance), iterations=margin,
+                                 border_value=0)
+    labels, n = ndimage.label(skeletonize(far), structure=np.ones((3, 3), bool))
+    for i in range(1, n + 1):
+        out[_geodesic_cut(labels == i, rng, fraction) & ~mask] = 0
     return out
 
 
