@@ -230,10 +230,15 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
             ("grpc.so_reuseport", 0)]
 
 
+CHEAP_RPC_HEADROOM = 16
+
+
 def concurrent_rpc_limit(settings: Settings) -> int:
-    """Backstop for RPCs alive at once (each may hold a request of up to --max-request-bytes):
-    the admission bounds plus headroom for cheap calls (ListModels, health, rejections)."""
-    return 2 * (settings.max_inflight + settings.max_queue) + 64
+    """Backstop for RPCs alive at once, enforced by gRPC before a request is read: the
+    admission bounds plus headroom for cheap calls (ListModels, health, calls being rejected).
+    Each live RPC may hold one request of up to --max-request-bytes, so request memory is at
+    most this many times --max-request-bytes, whatever the offered load."""
+    return settings.max_inflight + settings.max_queue + CHEAP_RPC_HEADROOM
 
 
 async def create_server(settings: Settings, gateway: Gateway, authenticator: Authenticator | None = None,
