@@ -93,7 +93,11 @@ def test_gateway_settings_parse_and_point_at_the_triton_service(rendered, overla
     assert triton_host == triton_svc["metadata"]["name"]
     assert int(triton_port) in {p["port"] for p in triton_svc["spec"]["ports"]}
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "health": settings.health_port}
+    env = {e["name"]: e["value"] for e in gw["env"]}
+    tls = Settings.from_args(gw["args"], environ={**config["data"], **env})
+    assert tls.tls_cert_file and tls.tls_key_file and tls.tls_client_ca_file and tls.auth_tokens_file
+    assert not tls.insecure
     mounts = {m["mountPath"] for m in gw["volumeMounts"]}
     assert "/models" in mounts and "/tmp" in mounts
 
@@ -102,7 +106,10 @@ def test_gateway_settings_parse_and_point_at_the_triton_service(rendered, overla
 def test_gateway_probes_are_native_grpc_health_checks_that_wait_for_warm_up(rendered, overlay):
     pod = rendered[overlay].get("Deployment", "medseg-gateway")["spec"]["template"]["spec"]
     gw = container(pod, "gateway")
-    port = Settings.from_args(gw["args"], environ={}).port
+    # kubelet gRPC probes speak neither TLS nor tokens: they use the plaintext health-only port
+    port = Settings.from_args(gw["args"], environ={}).health_port
+    service_targets = {p["targetPort"] for p in rendered[overlay].get("Service", "medseg-gateway")["spec"]["ports"]}
+    assert port > 0 and not service_targets & {port, "health"}, "the health-only port must not be in the Service"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert gw[probe]["grpc"]["port"] == port, probe
     assert gw["readinessProbe"]["grpc"]["service"] == "medseg.v1.Segmentation"
