@@ -11,11 +11,13 @@ from service.backends.base import Backend
 from service.domain import EmbedResult, ImageInput, ModelInfo, SegmentRequest, SegmentResult
 from service.embedding_cache import EmbeddingCache
 from service.metrics import Metrics
-from service.model_config import discover
+from service.model_config import SamModel, SegmenterModel, discover
 from service.pipeline import SamPipeline
+from service.segmenter_pipeline import SegmenterPipeline
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+_PIPELINES = {SamModel: SamPipeline, SegmenterModel: SegmenterPipeline}
 START_RETRY_S = 1.0
 
 
@@ -37,8 +39,8 @@ class Gateway:
                                f"(found: {', '.join(sorted(models))})")
         self.cache = EmbeddingCache(settings.cache_bytes, settings.cache_ttl_s, on_change=metrics.cache_changed)
         self.pipelines = {
-            name: SamPipeline(model, backend, self.cache, metrics, settings.image_limits, settings.max_prompts,
-                              settings.backend_timeout_s)
+            name: _PIPELINES[type(model)](model, backend, self.cache, metrics, settings.image_limits,
+                                          settings.max_prompts, settings.backend_timeout_s)
             for name, model in models.items()
         }
         self.ready = False
@@ -59,8 +61,7 @@ class Gateway:
         """Load every model and warm it up; raises StartupError with a clear message."""
         if self.settings.startup_delay_s > 0:
             await asyncio.sleep(self.settings.startup_delay_s)
-        names = list(dict.fromkeys(m for p in self.pipelines.values()
-                                   for m in (p.model.encoder.name, p.model.decoder.name)))  # decoders may be shared
+        names = list(dict.fromkeys(m for p in self.pipelines.values() for m in p.repository_models))  # shared decoders
         while True:
             try:
                 await self.backend.start(names)

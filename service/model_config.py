@@ -56,6 +56,18 @@ class SamModel:
     decoder: RepositoryEntry
 
 
+@dataclass(frozen=True)
+class SegmenterModel:
+    """A prompt-free segmenter: one repository entry, image in, logits out."""
+
+    info: ModelInfo
+    entry: RepositoryEntry
+
+    @property
+    def structure(self) -> str:
+        return self.entry.parameters.get("medseg.structure", "its structure")
+
+
 def _tensors(items) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(t.name, _NUMPY_DTYPES[mc.DataType.Name(t.data_type)], tuple(t.dims)) for t in items)
 
@@ -71,7 +83,14 @@ def _kinds(text: str) -> frozenset[PromptKind]:
     return frozenset(PromptKind(k.strip()) for k in text.split(",") if k.strip())
 
 
-def discover(repository: Path, default_model: str) -> dict[str, SamModel]:
+def _info(name: str, p: dict[str, str], default_model: str) -> ModelInfo:
+    return ModelInfo(name=name, version=p.get("medseg.version", "1"), input_size=int(p["medseg.input_size"]),
+                     prompt_kinds=_kinds(p.get("medseg.prompt_kinds", "")),
+                     required_prompt_kinds=_kinds(p.get("medseg.required_prompt_kinds", "")),
+                     description=p.get("medseg.description", ""), is_default=(name == default_model))
+
+
+def discover(repository: Path, default_model: str) -> dict[str, SamModel | SegmenterModel]:
     """All gateway models in ``repository`` keyed by name (entries grouped by ``medseg.model``)."""
     entries = [read_entry(p.parent) for p in sorted(Path(repository).glob("*/config.pbtxt"))]
     by_model: dict[str, dict[str, RepositoryEntry]] = {}
@@ -81,6 +100,10 @@ def discover(repository: Path, default_model: str) -> dict[str, SamModel]:
     by_name = {e.name: e for e in entries}
     models = {}
     for name, roles in by_model.items():
+        if "segmenter" in roles:
+            models[name] = SegmenterModel(_info(name, roles["segmenter"].parameters, default_model),
+                                          roles["segmenter"])
+            continue
         enc = roles.get("image_encoder")
         if enc is None:
             continue
@@ -89,10 +112,5 @@ def discover(repository: Path, default_model: str) -> dict[str, SamModel]:
         dec = by_name.get(shared) if shared else roles.get("prompt_decoder")
         if dec is None:
             continue
-        p = enc.parameters
-        info = ModelInfo(name=name, version=p.get("medseg.version", "1"), input_size=int(p["medseg.input_size"]),
-                         prompt_kinds=_kinds(p.get("medseg.prompt_kinds", "box")),
-                         required_prompt_kinds=_kinds(p.get("medseg.required_prompt_kinds", "")),
-                         description=p.get("medseg.description", ""), is_default=(name == default_model))
-        models[name] = SamModel(info, enc, dec)
+        models[name] = SamModel(_info(name, enc.parameters, default_model), enc, dec)
     return models

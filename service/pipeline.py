@@ -12,8 +12,8 @@ import numpy as np
 
 from service import errors, prompts as prompt_rules
 from service.backends.base import Backend
-from service.domain import (Box, DecodedImage, ImageInput, ImageLimits, MaskResult, Prompt, SegmentRequest,
-                            SegmentResult)
+from service.domain import (Box, DecodedImage, ImageInput, ImageLimits, MaskResult, ModelInfo, Prompt,
+                            SegmentRequest, SegmentResult)
 from service.embedding_cache import CachedEmbedding, EmbeddingCache
 from service.imageio import decode_image
 from service.metrics import Metrics
@@ -30,40 +30,30 @@ def content_hash(pixels: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
-class SamPipeline:
-    """Serves one promptable model (image encoder + prompt decoder) through a backend."""
+class CachedPipeline:
+    """Decode -> content hash -> (cached) model output: what every served model shares.
 
-    def __init__(self, model: SamModel, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
+    Subclasses say what "encoding" an image means (:meth:`_encode`) and what is cached: the
+    image embedding of a SAM-family model, the logits of a prompt-free segmenter.
+    """
+
+    repository_models: tuple[str, ...] = ()
+
+    def __init__(self, info: ModelInfo, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
                  limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
-        self.model = model
-        self.info = model.info
+        self.info = info
         self._backend, self._cache, self._metrics = backend, cache, metrics
         self._limits, self._max_prompts, self._timeout = limits, max_prompts, timeout_s
-        missing = set(DECODER_PROMPT_INPUTS) - set(model.decoder.input_names)
-        if missing:
-            raise ValueError(f"{model.decoder.name}/config.pbtxt lacks decoder inputs {sorted(missing)}")
-        self._image_input = model.encoder.inputs[0].name
-        self._embedding_output = model.encoder.outputs[0].name
-        self._embedding_input = model.decoder.inputs[0].name
-        self._mask_output, self._iou_output = model.decoder.output_names[:2]
-        self._low_res = tuple(model.decoder.outputs[0].dims[-2:])
         self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
 
-    # ------------------------------------------------------------------ steps
+    async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
+        raise NotImplementedError
+
     def _decode(self, image: ImageInput) -> tuple[DecodedImage, str, float]:
         start = time.perf_counter()
         decoded = decode_image(image, self._limits)
         key = content_hash(decoded.pixels)
         return decoded, key, time.perf_counter() - start
-
-    async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
-        name = self.info.name
-        with self._metrics.stage("preprocess", name):
-            tensor, frame = await asyncio.to_thread(model_input, decoded.pixels, self.info.input_size)
-        with self._metrics.stage("encoder", name):
-            out = await self._backend.infer(self.model.encoder.name, {self._image_input: tensor},
-                                            [self._embedding_output], self._timeout)
-        return out[self._embedding_output], frame
 
     async def embed(self, image: ImageInput) -> tuple[str, CachedEmbedding, bool]:
         """Decode and encode ``image`` unless cached; returns (image_id, entry, was_cached)."""
@@ -100,6 +90,34 @@ class SamPipeline:
                                        "expired from the cache; send the image again (EmbedImage or Segment)")
         self._metrics.cache_hits.labels(self.info.name).inc()
         return entry
+
+
+
+class SamPipeline(CachedPipeline):
+    """Serves one promptable model (image encoder + prompt decoder) through a backend."""
+
+    def __init__(self, model: SamModel, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
+                 limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
+        super().__init__(model.info, backend, cache, metrics, limits, max_prompts, timeout_s)
+        self.model = model
+        self.repository_models = (model.encoder.name, model.decoder.name)
+        missing = set(DECODER_PROMPT_INPUTS) - set(model.decoder.input_names)
+        if missing:
+            raise ValueError(f"{model.decoder.name}/config.pbtxt lacks decoder inputs {sorted(missing)}")
+        self._image_input = model.encoder.inputs[0].name
+        self._embedding_output = model.encoder.outputs[0].name
+        self._embedding_input = model.decoder.inputs[0].name
+        self._mask_output, self._iou_output = model.decoder.output_names[:2]
+        self._low_res = tuple(model.decoder.outputs[0].dims[-2:])
+
+    async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
+        name = self.info.name
+        with self._metrics.stage("preprocess", name):
+            tensor, frame = await asyncio.to_thread(model_input, decoded.pixels, self.info.input_size)
+        with self._metrics.stage("encoder", name):
+            out = await self._backend.infer(self.model.encoder.name, {self._image_input: tensor},
+                                            [self._embedding_output], self._timeout)
+        return out[self._embedding_output], frame
 
     async def decode_masks(self, entry: CachedEmbedding, request: SegmentRequest) -> list[MaskResult]:
         frame = entry.frame

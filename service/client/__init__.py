@@ -206,9 +206,7 @@ class SegmentationClient:
         if prompts is not None:
             if boxes or points:
                 raise ValueError("pass either prompts or boxes/points, not both")
-            if not prompts:
-                raise ValueError("at least one prompt is required")
-            prompt_list = list(prompts)
+            prompt_list = list(prompts)  # may be empty: prompt-free segmenters take none
         else:
             prompt_list = build_prompts(boxes, points)
         request = pb.SegmentRequest(

@@ -33,7 +33,8 @@ _SEGMENT_EPILOG = """\
 Coordinates are input-image pixels: x = column, y = row, origin at the top-left corner
 (a box over a whole W x H image is 0 0 W H). One mask per --box; with a single --box the
 --point flags refine that box's mask, with no --box all points form one prompt, and
---point cannot be combined with several --box flags.
+--point cannot be combined with several --box flags. With neither, the request carries no
+prompt: what a prompt-free segmenter (ListModels shows no prompt kinds) expects.
 
 Output: MASK.png is an 8-bit PNG (0 = background, 255 = structure) at the input image's
 size. With several prompts MASK.png is the union of all masks, and each prompt's own mask
@@ -230,8 +231,6 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_segment_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not args.box and not args.point:
-        parser.error("segment needs at least one --box or --point")
     if args.point and len(args.box) > 1:
         parser.error("--point cannot be combined with several --box flags (which box would it refine?)")
     for x, y, label in args.point:

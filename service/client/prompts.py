@@ -25,7 +25,7 @@ def build_prompts(boxes: Sequence[Sequence[float]] = (), points: Sequence[Sequen
     Rule: one prompt per box, in order. Points given together with exactly one box join
     that box's prompt; points given with no box form one point-only prompt; points with
     several boxes are ambiguous and raise :class:`ValueError` (build the
-    :class:`pb.Prompt` list yourself instead). Nothing at all also raises ``ValueError``.
+    :class:`pb.Prompt` list yourself instead). Nothing at all gives no prompt (prompt-free segmenters).
 
     ``boxes``: ``(x0, y0, x1, y1)`` tuples. ``points``: ``(x, y, label)`` tuples with
     label 1 (foreground) or 0 (background). Geometry (x0 < x1, inside the image...) is
@@ -34,7 +34,7 @@ def build_prompts(boxes: Sequence[Sequence[float]] = (), points: Sequence[Sequen
     box_messages = [_box(box) for box in boxes]
     point_messages = [_point(point) for point in points]
     if not box_messages and not point_messages:
-        raise ValueError("at least one box or point is required")
+        return []  # no prompt: for prompt-free segmenters (a promptable model answers INVALID_ARGUMENT)
     if point_messages and len(box_messages) > 1:
         raise ValueError(
             f"points cannot be combined with {len(box_messages)} boxes: it is ambiguous which "

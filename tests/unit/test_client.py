@@ -44,11 +44,14 @@ def test_build_prompts_puts_all_points_in_one_prompt_without_box() -> None:
     assert len(prompt.points) == 2
 
 
+def test_no_boxes_and_no_points_build_no_prompt_for_prompt_free_models() -> None:
+    assert build_prompts(boxes=[], points=[]) == []
+
+
 @pytest.mark.parametrize(
     ("boxes", "points"),
     [
         ([(0, 0, 5, 5), (1, 1, 6, 6)], [(2, 2, 1)]),  # points with several boxes
-        ([], []),  # nothing
         ([(0, 0, 5)], []),  # short box
         ([], [(1, 2, 2)]),  # bad label
         ([], [(1, 2)]),  # short point
@@ -149,12 +152,11 @@ def test_cli_parses_repeated_boxes_and_points() -> None:
 @pytest.mark.parametrize(
     "extra",
     [
-        [],  # no prompt
         ["--point", "1", "2", "7"],  # bad label
         ["--box", "0", "0", "4", "4", "--box", "1", "1", "5", "5", "--point", "2", "2", "1"],
         ["--box", "0", "0", "4"],  # three numbers
     ],
-    ids=["no_prompt", "bad_label", "points_with_two_boxes", "short_box"],
+    ids=["bad_label", "points_with_two_boxes", "short_box"],
 )
 def test_cli_rejects_bad_prompt_arguments(extra: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
