@@ -6,6 +6,7 @@ Examples (defaults read ``../shared/data``)::
     python -m training import --data DIR --coco boxes.json --scribbles scribble_pngs/ --out runs/x/weak
     python -m training pseudo-label --structure brain --weak runs/brain/weak --out runs/brain/pseudo
     python -m training qc --structure brain --weak runs/brain/weak --pseudo runs/brain/pseudo --out runs/brain/qc
+    python -m training qc-benchmark --structure caudate
     python -m training train --structure brain --method box --weak runs/brain/weak --run-dir runs/brain/box
     python -m training evaluate --checkpoint runs/brain/box/checkpoint.pt
     python -m training export --checkpoint runs/brain/box/checkpoint.pt --name unet_brain
@@ -116,6 +117,14 @@ def cmd_qc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qc_benchmark(args: argparse.Namespace) -> int:
+    from training.qc_benchmark import run
+
+    rates = run(_cases(args), args.repository, args.seed)
+    print(json.dumps(asdict(rates)))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training import pseudo_labels as pl
     from training.samples import prepare
@@ -207,6 +216,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_qc)
+
+    p = sub.add_parser("qc-benchmark", help="QC flags on correct vs deliberately moved boxes and scribbles")
+    _common(p)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_qc_benchmark)
 
     p = sub.add_parser("train", help="train the U-Net from one kind of supervision (resumes by default)")
     _common(p)

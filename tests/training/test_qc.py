@@ -89,3 +89,10 @@ def test_litemedsam_flags_a_deliberately_wrong_box_on_a_real_case(shared_data):
     pseudo = pl.combine(case.case_id, case.mask.shape, boxes, sam.segment_boxes(case.image, boxes))
     flagged = {f.index for f in qc.check_boxes(case.case_id, boxes, pseudo)}
     assert 1 in flagged and 0 not in flagged
+
+
+def test_benchmark_moves_boxes_off_their_object_inside_the_image():
+    from training.qc_benchmark import moved_box
+
+    assert moved_box(np.array([10, 0, 30, 10]), 100).tolist() == [30, 0, 50, 10]
+    assert moved_box(np.array([60, 0, 90, 10]), 100).tolist() == [30, 0, 60, 10]
