@@ -78,4 +78,4 @@ def export_checkpoint(checkpoint: Path, repository: Path, name: str, target: str
     image = torch.rand(2, 1, cfg.size, cfg.size, generator=torch.Generator().manual_seed(0))
     export_onnx(SegmenterForExport(model), {INPUT: image}, [OUTPUT], {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 onnx_path)
-    return [onnx_path, write_config(repository, entry, target)]
+    return [onnx_path, write_config(repository, entry, target, version=version)]

@@ -55,52 +55,86 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
         train(replace(cfg, lr=0.5), samples, tmp_path, progress=False)
 
 
-@pytest.mark.slow
-def test_smoke_real_cases_loss_falls_export_matches_and_gateway_backend_serves(tmp_path, shared_data):
-    """CI smoke: a few iterations on a few real brain slices, export, serve (< 1 min on 2 cores)."""
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, shared_data):
+    """CI smoke run: 40 iterations on 6 real brain slices at 64x64, exported with the
+    ``unet`` exporter into a temporary model repository (~30 s on 2 cores)."""
     from export.registry import ExportOptions, export_unet
-    from service.backends.embedded import EmbeddedBackend
-    from service.model_config import read_entry
 
+    tmp = tmp_path_factory.mktemp("smoke")
     start = time.monotonic()
     cases = data.select(data.load_npz_folder(shared_data / "train"), "brain", 3)[::12][:6]
     dev = data.select(data.load_npz_folder(shared_data / "dev"), "brain")[:2]
-    samples = prepare(cases, 64)
     cfg = TrainConfig(method="full", structure="brain", size=64, iterations=40, batch_size=4, lr=3e-3,
                       threads=2, network=NetworkConfig(channels=(8, 16, 32)))
-    result = train(cfg, samples, tmp_path / "run", progress=False)
-    assert np.mean(result.history[-8:]) < 0.8 * np.mean(result.history[:8])
-
-    cache = tmp_path / "cache"
+    result = train(cfg, prepare(cases, 64), tmp / "run", progress=False)
+    cache = tmp / "cache"
     (cache / "unet").mkdir(parents=True)
-    shutil.copy(tmp_path / "run" / "checkpoint.pt", cache / "unet" / "unet_smoke.pt")
-    repo = tmp_path / "repo"
-    written = export_unet(ExportOptions(repository=repo, cache_dir=cache))
-    assert {p.name for p in written} == {"model.onnx", "config.pbtxt"}
-    entry = read_entry(repo / "unet_smoke")
-    assert entry.parameters["medseg.role"] == "segmenter" and entry.parameters["medseg.input_size"] == "64"
-    assert entry.input_names == ["image"] and entry.output_names == ["logits"]
+    shutil.copy(tmp / "run" / "checkpoint.pt", cache / "unet" / "unet_smoke.pt")
+    written = export_unet(ExportOptions(repository=tmp / "repo", cache_dir=cache))
+    model, _ = load_model(tmp / "run" / "checkpoint.pt")
+    return {"cfg": cfg, "result": result, "written": written, "repo": tmp / "repo", "dev": dev,
+            "torch": torch_predictor(model), "seconds": time.monotonic() - start}
 
-    model, _ = load_model(tmp_path / "run" / "checkpoint.pt")
-    onnx_run, torch_run = onnx_predictor(str(entry.onnx_path())), torch_predictor(model)
-    for case in dev:
+
+@pytest.mark.slow
+def test_smoke_loss_falls_and_export_matches_pytorch(smoke):
+    from service.model_config import read_entry
+
+    history, cfg = smoke["result"].history, smoke["cfg"]
+    assert np.mean(history[-8:]) < 0.8 * np.mean(history[:8])
+    assert {p.name for p in smoke["written"]} == {"model.onnx", "config.pbtxt"}
+    entry = read_entry(smoke["repo"] / "unet_smoke")
+    assert entry.parameters["medseg.role"] == "segmenter" and entry.parameters["medseg.input_size"] == "64"
+    assert entry.parameters["medseg.prompt_kinds"] == ""
+    assert entry.input_names == ["image"] and entry.output_names == ["logits"]
+    onnx_run, torch_run = onnx_predictor(str(entry.onnx_path())), smoke["torch"]
+    for case in smoke["dev"]:
         x, _ = model_image(case.image, cfg.size)
         assert np.abs(onnx_run(x[None]) - torch_run(x[None])).max() < 1e-3
         assert scores(predict(onnx_run, case.image, cfg.size), predict(torch_run, case.image, cfg.size),
                       case.spacing_mm)[0] > 0.99
+    assert smoke["seconds"] < 180
+
+
+@pytest.mark.slow
+def test_smoke_model_is_served_by_the_gateway_embedded_backend(smoke):
+    from service.backends.embedded import EmbeddedBackend
+
+    x, _ = model_image(smoke["dev"][0].image, smoke["cfg"].size)
 
     async def serve() -> np.ndarray:
-        backend = EmbeddedBackend(repo, threads=1)
+        backend = EmbeddedBackend(smoke["repo"], threads=1)
         await backend.start(["unet_smoke"])
         try:
-            x, _ = model_image(dev[0].image, cfg.size)
-            out = await backend.infer("unet_smoke", {"image": x[None]}, ["logits"])
-            return out["logits"]
+            return (await backend.infer("unet_smoke", {"image": x[None]}, ["logits"]))["logits"]
         finally:
             await backend.close()
 
     served = asyncio.run(serve())
-    x, _ = model_image(dev[0].image, cfg.size)
     assert served.shape == (1, 2, 64, 64)
-    assert np.abs(served - torch_run(x[None])).max() < 1e-3
-    assert time.monotonic() - start < 180
+    assert np.abs(served - smoke["torch"](x[None])).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_smoke_model_is_served_by_a_real_tritonserver(smoke, tmp_path):
+    from service.backends.triton import TritonBackend
+    from tests.harness import TritonProcess
+
+    x, _ = model_image(smoke["dev"][0].image, smoke["cfg"].size)
+    triton = TritonProcess(tmp_path, smoke["repo"]).start()
+
+    async def serve() -> np.ndarray:
+        backend = TritonBackend(triton.grpc_target)
+        await backend.start(["unet_smoke"])
+        try:
+            return (await backend.infer("unet_smoke", {"image": x[None]}, ["logits"]))["logits"]
+        finally:
+            await backend.close()
+
+    try:
+        served = asyncio.run(serve())
+    finally:
+        triton.stop()
+    assert served.shape == (1, 2, 64, 64)
+    assert np.abs(served - smoke["torch"](x[None])).max() < 1e-3
