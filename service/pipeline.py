@@ -83,6 +83,15 @@ class CachedPipeline:
         finally:
             del self._pending[key]
 
+    async def resolve(self, request: SegmentRequest) -> tuple[str, CachedEmbedding]:
+        """The request's cached entry: by ``image_id``, or by decoding (and encoding) its image."""
+        if request.image_id:
+            return request.image_id, self.lookup(request.image_id)
+        if request.image is not None:
+            image_id, entry, _ = await self.embed(request.image)
+            return image_id, entry
+        raise errors.InvalidArgument("send an image or an image_id")
+
     def lookup(self, image_id: str) -> CachedEmbedding:
         entry = self._cache.get((self.info.name, self.info.version, image_id))
         if entry is None:
@@ -139,12 +148,7 @@ class SamPipeline(CachedPipeline):
                 for i in range(n)]
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
-        if request.image_id:
-            image_id, entry = request.image_id, self.lookup(request.image_id)
-        elif request.image is not None:
-            image_id, entry, _ = await self.embed(request.image)
-        else:
-            raise errors.InvalidArgument("send an image or an image_id")
+        image_id, entry = await self.resolve(request)
         masks = await self.decode_masks(entry, request)
         return SegmentResult(self.info, image_id, entry.frame.height, entry.frame.width, tuple(masks))
 

@@ -45,12 +45,7 @@ class SegmenterPipeline(CachedPipeline):
             raise errors.UnsupportedPrompt(
                 f"model {self.info.name!r} is a prompt-free segmenter: send no prompts; it segments "
                 f"{self.model.structure} in the whole image (see ListModels)")
-        if request.image_id:
-            image_id, entry = request.image_id, self.lookup(request.image_id)
-        elif request.image is not None:
-            image_id, entry, _ = await self.embed(request.image)
-        else:
-            raise errors.InvalidArgument("send an image or an image_id")
+        image_id, entry = await self.resolve(request)
         with self._metrics.stage("postprocess", self.info.name):
             mask = await asyncio.to_thread(postprocess, entry.embedding, entry.frame)
         # A segmenter has no IoU head: predicted_iou is 0 (documented in the proto).
