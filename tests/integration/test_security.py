@@ -112,7 +112,8 @@ def test_segment_with_a_jwt_and_expired_or_missing_tokens_fail(secure_gateway, p
         assert _code(lambda: client.segment(image=IMAGE, boxes=BOX)) == grpc.StatusCode.PERMISSION_DENIED
         assert client.list_models() == []
     log = secure_gateway.log()
-    assert '"caller": "dr-viewer", "auth": "jwt"' in log and '"status": "PERMISSION_DENIED"' in log
+    assert '"caller": "dr-viewer", "auth": "jwt", "client_cert": "pacs01"' in log
+    assert '"status": "PERMISSION_DENIED"' in log
     assert TOKEN not in log and OTHER_MODEL_TOKEN not in log and "eyJ" not in log  # no token, no JWT
 
 
