@@ -29,9 +29,11 @@ $(MODELS) &: | install
 
 models: install $(MODELS)
 
+# Plaintext without tokens is allowed on loopback only; elsewhere add TLS/token flags, or
+# SERVE_FLAGS=--insecure for local development.
 serve: protos models
 	$(PY) -m service --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) \
-	  --backend embedded --model-repository $(REPO)
+	  --backend embedded --model-repository $(REPO) $(SERVE_FLAGS)
 
 # A real tritonserver (nvidia-pytriton wheel, python backend + ONNX Runtime) on loopback.
 TRITON_GRPC_PORT ?= 8001
