@@ -55,9 +55,18 @@ class CachedPipeline:
         key = content_hash(decoded.pixels)
         return decoded, key, time.perf_counter() - start
 
-    async def embed(self, image: ImageInput) -> tuple[str, CachedEmbedding, bool]:
-        """Decode and encode ``image`` unless cached; returns (image_id, entry, was_cached)."""
+    def check_request(self, request: SegmentRequest, frame: Frame) -> None:
+        """Reject a request's prompts for an image of ``frame``'s size; called before any model runs."""
+
+    async def embed(self, image: ImageInput, request: SegmentRequest | None = None) -> tuple[str, CachedEmbedding, bool]:
+        """Decode and encode ``image`` unless cached; returns (image_id, entry, was_cached).
+
+        With ``request``, its prompts are checked against the decoded image's size before the
+        (expensive) encoder runs, so a bad prompt never costs an encoder pass.
+        """
         decoded, image_hash, seconds = await asyncio.to_thread(self._decode, image)
+        if request is not None:
+            self.check_request(request, Frame(decoded.height, decoded.width, self.info.input_size))
         self._metrics.stage_latency.labels("decode_image", self.info.name, self._metrics.backend).observe(seconds)
         key = (self.info.name, self.info.version, image_hash)
         cached = self._cache.get(key)
@@ -86,9 +95,11 @@ class CachedPipeline:
     async def resolve(self, request: SegmentRequest) -> tuple[str, CachedEmbedding]:
         """The request's cached entry: by ``image_id``, or by decoding (and encoding) its image."""
         if request.image_id:
-            return request.image_id, self.lookup(request.image_id)
+            entry = self.lookup(request.image_id)
+            self.check_request(request, entry.frame)
+            return request.image_id, entry
         if request.image is not None:
-            image_id, entry, _ = await self.embed(request.image)
+            image_id, entry, _ = await self.embed(request.image, request)
             return image_id, entry
         raise errors.InvalidArgument("send an image or an image_id")
 
@@ -127,6 +138,9 @@ class SamPipeline(CachedPipeline):
             out = await self._backend.infer(self.model.encoder.name, {self._image_input: tensor},
                                             [self._embedding_output], self._timeout)
         return out[self._embedding_output], frame
+
+    def check_request(self, request: SegmentRequest, frame: Frame) -> None:
+        prompt_rules.validate(request.prompts, frame, self.info, self._max_prompts, self._low_res)
 
     async def decode_masks(self, entry: CachedEmbedding, request: SegmentRequest) -> list[MaskResult]:
         frame = entry.frame

@@ -40,11 +40,13 @@ class SegmenterPipeline(CachedPipeline):
                                             self._timeout)
         return out[self._output], frame
 
-    async def segment(self, request: SegmentRequest) -> SegmentResult:
+    def check_request(self, request: SegmentRequest, frame: Frame) -> None:
         if request.prompts:
             raise errors.UnsupportedPrompt(
                 f"model {self.info.name!r} is a prompt-free segmenter: send no prompts; it segments "
                 f"{self.model.structure} in the whole image (see ListModels)")
+
+    async def segment(self, request: SegmentRequest) -> SegmentResult:
         image_id, entry = await self.resolve(request)
         with self._metrics.stage("postprocess", self.info.name):
             mask = await asyncio.to_thread(postprocess, entry.embedding, entry.frame)

@@ -98,3 +98,13 @@ def test_reflection_lists_the_segmentation_service(gateway):
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert "medseg.v1.Segmentation" in names and "grpc.health.v1.Health" in names
+
+
+def test_bad_prompts_are_rejected_before_the_encoder_runs(gateway, client):
+    before = metric_value(gateway.metrics_text(), "medseg_stage_duration_seconds_count", stage="encoder")
+    image = image_from_array(np.random.default_rng(11).integers(0, 255, (64, 64), dtype=np.uint8))
+    for boxes in ([(100, 100, 200, 200)], [(5, 5, 5, 9)]):
+        with pytest.raises(grpc.RpcError) as info:
+            client.segment(image=image, boxes=boxes)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert metric_value(gateway.metrics_text(), "medseg_stage_duration_seconds_count", stage="encoder") == before
