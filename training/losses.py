@@ -10,6 +10,7 @@ scalar tensor. Label maps use -1 for "unlabelled / uncertain" (ignored).
 * :func:`size_penalty`: inequality constraints ``lower <= V <= upper`` on the predicted area
   ``V = sum p`` (pixels), penalised as ``(relu(lower - V)^2 + relu(V - upper)^2) / (H W)``
   (Kervadec et al., MedIA 2019, "Constrained-CNN losses", their quadratic penalty).
+* :func:`box_fill_penalty`: the area inside each box must be at least ``fill`` times the box's.
 * :func:`pseudo_label_loss`: cross-entropy + soft Dice on pixels whose pseudo-label is
   certain (0/1); -1 pixels are ignored by both terms.
 """
@@ -53,6 +54,24 @@ def tightness_prior_loss(logits: torch.Tensor, boxes: torch.Tensor, outside_weig
     outside = -log_bg[~inside]
     negative = outside.mean() if outside.numel() else zero
     return positive + outside_weight * negative
+
+
+def box_fill_penalty(logits: torch.Tensor, boxes: torch.Tensor, fill: float) -> torch.Tensor:
+    """Lower bound on the predicted area inside each box: ``relu(fill |B| - V_B)^2 / (H W)``
+    with ``V_B`` the sum of ``p`` over the box (pixels), mean over the boxes of the batch
+    (0 without boxes). Keeps the tightness prior from collapsing to one pixel per row and
+    column (a global size constraint in the spirit of Kervadec et al., MIDL 2020).
+    ``boxes`` as in :func:`tightness_prior_loss`."""
+    p = torch.softmax(logits, dim=1)[:, 1]
+    h, w = p.shape[1:]
+    terms = []
+    for i in range(p.shape[0]):
+        for c0, r0, c1, r1 in boxes[i].tolist():
+            if c1 <= c0 or r1 <= r0:
+                continue
+            area = p[i, r0:r1, c0:c1].sum()
+            terms.append(F.relu(fill * (r1 - r0) * (c1 - c0) - area) ** 2 / (h * w))
+    return torch.stack(terms).mean() if terms else logits.sum() * 0.0
 
 
 def partial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

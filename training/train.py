@@ -4,6 +4,8 @@ Methods (the loss for a batch; all from :mod:`training.losses` except ``full``):
 
 * ``full``: MONAI ``DiceCELoss`` on the reference masks (the upper bound);
 * ``box``: box tightness prior (MIL over rows/columns) + background outside the boxes;
+* ``box_size``: the same + ``size_weight`` * penalty when the area inside a box is below
+  ``box_fill`` (0.4) of the box's (objects fill a good part of their tight box);
 * ``box_pseudo``: LiteMedSAM pseudo-label CE + Dice (uncertain ignored) + the tightness prior;
 * ``scribble``: partial cross-entropy on scribbles;
 * ``points``: partial cross-entropy on the clicked points + ``size_weight`` * size penalty
@@ -32,7 +34,7 @@ from training.samples import SampleSet, batch
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "box", "box_pseudo", "scribble", "points")
+METHODS = ("full", "box", "box_size", "box_pseudo", "scribble", "points")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -51,6 +53,7 @@ class TrainConfig:
     size_weight: float = 1.0
     size_lower: float = 0.0   # model-frame pixels; set from the data by `common_size_bounds`
     size_upper: float = 0.0
+    box_fill: float = 0.4     # box_size: predicted area >= box_fill * box area
     augment: bool = True
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -96,6 +99,9 @@ def batch_loss(cfg: TrainConfig, logits: torch.Tensor, b: dict[str, torch.Tensor
         return DiceCELoss(to_onehot_y=True, softmax=True)(logits, b["masks"][:, None])
     if cfg.method == "box":
         return losses.tightness_prior_loss(logits, b["boxes"])
+    if cfg.method == "box_size":
+        return (losses.tightness_prior_loss(logits, b["boxes"])
+                + cfg.size_weight * losses.box_fill_penalty(logits, b["boxes"], cfg.box_fill))
     if cfg.method == "box_pseudo":
         return losses.pseudo_label_loss(logits, b["pseudo"]) + losses.tightness_prior_loss(logits, b["boxes"])
     if cfg.method == "scribble":

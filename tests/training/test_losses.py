@@ -81,3 +81,9 @@ def test_pseudo_label_loss_ignores_uncertain_pixels():
     changed = logits_for(P)
     changed[0, 1, 1, :] = -9.0
     assert losses.pseudo_label_loss(changed, labels).item() == pytest.approx(ce + dice, abs=1e-9)
+
+
+@pytest.mark.parametrize(("fill", "want"), [(0.75, (3 - 1.9) ** 2 / 9), (0.25, 0.0)])
+def test_box_fill_penalty_bounds_the_area_inside_each_box(fill, want):
+    box = torch.tensor([[[0, 0, 2, 2]]])  # 4 pixels, p sums to 0.8 + 0.5 + 0.2 + 0.4 = 1.9
+    assert losses.box_fill_penalty(logits_for(P), box, fill).item() == pytest.approx(want, abs=1e-9)
