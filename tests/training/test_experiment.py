@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from training.experiment import _merge, table, write_doc
+import pytest
+
+pytest.importorskip("scipy", reason="the training extra (requirements/training.txt) is not installed")
+
+from training.experiment import _merge, table, write_doc  # noqa: E402
 
 
 def row(structure: str, method: str, dice: float) -> dict:
