@@ -37,8 +37,11 @@ class EmbeddedBackend:
             raise errors.Unavailable(f"model file {path} is missing; run `python -m export` first")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self._threads:
-            options.intra_op_num_threads = self._threads
+        # --ort-threads wins; else the model's own hint in config.pbtxt (the same parameter the
+        # Triton python-backend model.py reads); else ONNX Runtime's default (all cores).
+        threads = self._threads or int(entry.parameters.get("ort_intra_op_threads", "0") or 0)
+        if threads:
+            options.intra_op_num_threads = threads
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # corrupt or incompatible file
