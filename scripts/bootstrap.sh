@@ -18,7 +18,7 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 C=(-c requirements/constraints.txt)
 # torch first, alone, at the pinned CPU build; every later install is constrained to it.
 "${pip[@]}" "${C[@]}" torch
-"${pip[@]}" "${C[@]}" -r requirements/base.txt -r requirements/test.txt
+"${pip[@]}" "${C[@]}" -r requirements/base.txt -r requirements/test.txt -r requirements/training.txt
 "${pip[@]}" "${C[@]}" --no-deps -r requirements/nodeps.txt
 echo "$want" > "$stamp"
 echo "bootstrap: environment ready in $VENV"
