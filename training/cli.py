@@ -180,6 +180,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seed_table(args: argparse.Namespace) -> int:
+    from training.experiment import seed_table, write_block
+
+    block = seed_table(args.work)
+    write_block(args.doc, block, args.doc_section)
+    print(block)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,6 +266,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=Path("docs/TRAINING.md"))
     p.add_argument("--doc-section", default="results", help="marker name of the table's block in --doc")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("seed-table", help="Dice of several experiment runs (seeds) side by side -> --doc")
+    p.add_argument("--work", type=Path, nargs="+", required=True, help="experiment work folders, one per seed")
+    p.add_argument("--doc", type=Path, default=Path("docs/TRAINING.md"))
+    p.add_argument("--doc-section", default="seeds")
+    p.set_defaults(func=cmd_seed_table)
     return top
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training import data, labelling
@@ -135,13 +136,38 @@ def table(rows: list[dict], command: str) -> str:
 
 def write_doc(doc: Path, rows: list[dict], command: str, section: str = "results") -> None:
     """Replace the text between ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` in
-    ``doc`` (appended if absent)."""
-    BEGIN, END = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    ``doc`` with the results table (appended if absent)."""
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    write_block(doc, table(rows, command), section)
+
+
+def seed_table(work_dirs: list[Path]) -> str:
+    """Markdown: each method's dev Dice per run folder (one per seed), mean ± sd over them and
+    the fraction of the mean fully supervised Dice."""
+    runs = [{(r["structure"], r["method"]): r for r in _previous(Path(d) / "results.json")} for d in work_dirs]
+    structures = list(dict.fromkeys(k[0] for run_rows in runs for k in run_rows))
+    out = [f"Runs: {', '.join(f'`{d}`' for d in work_dirs)}.", "",
+           "| structure | supervision | Dice per run | mean ± sd over runs | fraction of full (means) |",
+           "|---|---|---|---|---|"]
+    for structure in structures:
+        full = [run_rows[(structure, "full")]["dice_mean"] for run_rows in runs if (structure, "full") in run_rows]
+        for method in METHODS:
+            dice = [run_rows[(structure, method)]["dice_mean"] for run_rows in runs if (structure, method) in run_rows]
+            if not dice:
+                continue
+            frac = float(np.mean(dice) / np.mean(full)) if full else math.nan
+            out.append(f"| {structure} | {LABELS.get(method, method)} | {' / '.join(f'{d:.3f}' for d in dice)} | "
+                       f"{np.mean(dice):.3f} ± {np.std(dice):.3f} | {_fmt(frac, 2)} |")
+    return "\n".join(out)
+
+
+def write_block(doc: Path, block: str, section: str) -> None:
+    """Put ``block`` between the ``section`` markers of ``doc`` (appended if absent)."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     text = doc.read_text() if doc.is_file() else "# Training\n"
-    block = f"{BEGIN}\n{table(rows, command)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)

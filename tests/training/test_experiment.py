@@ -32,3 +32,16 @@ def test_table_gives_the_fraction_of_full_supervision_and_replaces_only_its_bloc
     out = doc.read_text()
     assert out.startswith("intro\n<!-- a:begin -->\nLast written by `cmd`") and out.endswith("<!-- a:end -->\noutro\n")
     assert "stale text" not in out
+
+
+def test_seed_table_gives_mean_and_spread_over_runs(tmp_path):
+    import json
+
+    from training.experiment import seed_table
+
+    for i, dice in enumerate((0.4, 0.6)):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "results.json").write_text(json.dumps([row("brain", "full", 0.8),
+                                                                     row("brain", "box", dice)]))
+    text = seed_table([tmp_path / "s0", tmp_path / "s1"])
+    assert "| 0.400 / 0.600 | 0.500 ± 0.100 | 0.62 |" in text
