@@ -159,14 +159,23 @@ def _fmt(p: dict) -> str:
     return f"{p['p50_ms']:.0f} / {p['p95_ms']:.0f} / {p['p99_ms']:.0f}"
 
 
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f} / {five:.1f} / {fifteen:.1f}"
+
+
 def render_markdown(r: dict) -> str:
     runs = r["runs"]
     names = {"pytorch_reference": "(a) PyTorch reference, in process", "gateway_embedded": "(b) gateway, embedded ORT",
              "gateway_triton": "(c) gateway, Triton", "gateway_embedded_int8": "(b') gateway, embedded ORT, INT8 encoder"}
     lines = ["# Benchmarks", "", f"- Machine: {r['machine']}", f"- Date: {r['date']}", f"- Command: `{r['command']}`",
-             f"- Input: {r['input']}; latencies end to end through gRPC for (b) and (c).", "",
+             f"- Input: {r['input']}; latencies end to end through gRPC for (b) and (c).",
+             f"- Load average (1/5/15 min) at start: {r.get('load_start', 'n/a')}, at end: {r.get('load_end', 'n/a')} "
+             f"on {os.cpu_count()} cores: above ~0.5 other jobs shared the CPU and every absolute figure is inflated.",
+             ""]
+    lines += [
              "## Latency (ms, p50 / p95 / p99)", "",
-             "| path | new image | follow-up prompt (cached `image_id`) | peak RSS MB |", "|---|---:|---:|---:|"]
+              "| path | new image | follow-up prompt (cached `image_id`) | peak RSS MB |", "|---|---:|---:|---:|"]
     for key, run in runs.items():
         rss = f"{run.get('peak_rss_mb', 0):.0f}"
         if "triton_peak_rss_mb" in run:

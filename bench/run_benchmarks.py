@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     images = Images(ct_slice())
     results: dict = {"machine": measure.machine(), "date": dt.datetime.now().isoformat(timespec="seconds"),
                      "command": "python bench/run_benchmarks.py" + (" --quick" if args.quick else ""),
-                     "input": "693_UNCR.dcm 512x512 int16 HU, window 40/400, one box", "runs": {}}
+                     "input": "693_UNCR.dcm 512x512 int16 HU, window 40/400, one box", "runs": {},
+                     "load_start": measure.load_average()}
     print("matmul peak ...", flush=True)
     results["matmul_gflops"] = measure.matmul_gflops(threads=2)
     print("model time in process (ONNX Runtime) ...", flush=True)
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 gw.stop()
                 server.stop()
+    results["load_end"] = measure.load_average()
     args.json.write_text(json.dumps(results, indent=2))
     text = measure.render_markdown(results)
     args.out.write_text(text)
