@@ -138,3 +138,31 @@ def test_smoke_model_is_served_by_a_real_tritonserver(smoke, tmp_path):
         triton.stop()
     assert served.shape == (1, 2, 64, 64)
     assert np.abs(served - smoke["torch"](x[None])).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_smoke_model_is_listed_and_served_prompt_free_by_a_real_gateway(smoke, tmp_path):
+    import grpc
+
+    from medseg.v1 import segmentation_pb2 as pb
+    from service.client import SegmentationClient, image_from_array
+    from tests.harness import GatewayProcess
+
+    case = smoke["dev"][0]
+    gw = GatewayProcess(tmp_path, "--model-repository", str(smoke["repo"]), "--default-model", "unet_smoke").start()
+    try:
+        gw.wait_serving()
+        with SegmentationClient(gw.target) as client:
+            (info,) = [m for m in client.list_models() if m.name == "unet_smoke"]
+            assert list(info.prompt_kinds) == [] and info.input_size == 64 and info.is_default
+            result = client.segment(image=image_from_array(case.image), model="unet_smoke")
+            assert len(result.masks) == 1 and result.masks[0].shape == case.image.shape
+            onnx_run = onnx_predictor(str(smoke["repo"] / "unet_smoke" / "1" / "model.onnx"))
+            expected = predict(onnx_run, case.image, smoke["cfg"].size)
+            assert np.mean(result.masks[0] == expected) > 0.999
+            with pytest.raises(grpc.RpcError) as info_err:
+                client.segment(image_id=result.image_id, model="unet_smoke", boxes=[(1, 1, 20, 20)])
+            assert info_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert pb.PROMPT_KIND_BOX not in info.prompt_kinds
+    finally:
+        gw.stop()
