@@ -171,7 +171,8 @@ def render_markdown(r: dict) -> str:
     lines = ["# Benchmarks", "", f"- Machine: {r['machine']}", f"- Date: {r['date']}", f"- Command: `{r['command']}`",
              f"- Input: {r['input']}; latencies end to end through gRPC for (b) and (c).",
              f"- Load average (1/5/15 min) at start: {r.get('load_start', 'n/a')}, at end: {r.get('load_end', 'n/a')} "
-             f"on {os.cpu_count()} cores: above ~0.5 other jobs shared the CPU and every absolute figure is inflated.",
+             f"on {os.cpu_count()} cores (the run itself loads both cores; a start value well above 0.5 means other "
+             f"jobs shared the CPU and absolute figures are inflated).",
              ""]
     lines += [
              "## Latency (ms, p50 / p95 / p99)", "",
