@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +15,36 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @dataclass(frozen=True)
 class Case:
+    """One 2-D image. ``image``: native intensities ``(H, W)`` (grey) or ``(H, W, 3)``;
+    ``mask``: bool ``(H, W)`` reference (all False when unknown); ``meta``: free metadata."""
+
     case_id: str
-    image: np.ndarray  # native intensities, uint8 or int16 (H, W)
-    mask: np.ndarray   # bool (H, W)
-    meta: dict
+    image: np.ndarray
+    mask: np.ndarray
+    meta: dict = field(default_factory=dict)
 
     @property
     def structure(self) -> str:
         return str(self.meta.get("structure", "unknown"))
 
+    @property
+    def spacing_mm(self) -> tuple[float, float]:
+        spacing = self.meta.get("pixel_spacing_mm") or (1.0, 1.0)
+        return float(spacing[0]), float(spacing[1])
+
 
 def load_cases(folder: Path, limit: int | None = None) -> list[Case]:
+    """Cases of a folder of ``.npz`` files (``image``, optional ``mask`` and ``meta`` JSON), sorted
+    by file name, read with ``allow_pickle=False``; a missing mask is all False."""
     paths = sorted(Path(folder).glob("*.npz"))
     if not paths:
         raise FileNotFoundError(f"no .npz cases in {folder}")
     cases = []
     for path in paths[:limit]:
         with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            cases.append(Case(meta.get("case_id", path.stem), z["image"], z["mask"].astype(bool), meta))
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+            mask = z["mask"].astype(bool) if "mask" in z.files else np.zeros(z["image"].shape[:2], bool)
+            cases.append(Case(str(meta.get("case_id", path.stem)), z["image"], mask, meta))
     return cases
 
 

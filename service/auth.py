@@ -46,7 +46,7 @@ import jwt
 from service import errors
 from service.gateway import StartupError
 from service.settings import Settings
-from service.tls import is_loopback
+from service.loopback import is_loopback
 from service.watched_file import WatchedFiles
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ or expired replacement is logged and ignored: the previous certificate stays in 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,22 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from service.gateway import StartupError
+from service.loopback import is_loopback
 from service.settings import Settings
 from service.watched_file import WatchedFiles
 
 log = logging.getLogger(__name__)
 EXPIRY_WARNING = dt.timedelta(days=14)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_enabled(settings: Settings) -> bool:

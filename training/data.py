@@ -16,47 +16,16 @@ Layouts:
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from export.dev_cases import SHARED_DATA, Case, load_cases  # noqa: F401 - Case is part of this module's API
 
 
-@dataclass(frozen=True)
-class Case:
-    """One 2-D image. ``image``: native intensities ``(H, W)`` (grey) or ``(H, W, 3)``;
-    ``mask``: bool ``(H, W)`` reference (all False when unknown); ``meta``: free metadata."""
-
-    case_id: str
-    image: np.ndarray
-    mask: np.ndarray
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def structure(self) -> str:
-        return str(self.meta.get("structure", "unknown"))
-
-    @property
-    def spacing_mm(self) -> tuple[float, float]:
-        spacing = self.meta.get("pixel_spacing_mm") or (1.0, 1.0)
-        return float(spacing[0]), float(spacing[1])
-
-
-def load_npz_folder(folder: Path, limit: int | None = None) -> list[Case]:
-    """Cases of a folder of ``.npz`` files, sorted by file name (``allow_pickle=False``)."""
-    paths = sorted(Path(folder).glob("*.npz"))
-    if not paths:
-        raise FileNotFoundError(f"no .npz cases in {folder}")
-    cases = []
-    for path in paths[:limit]:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-            mask = z["mask"].astype(bool) if "mask" in z.files else np.zeros(z["image"].shape[:2], bool)
-            cases.append(Case(str(meta.get("case_id", path.stem)), z["image"], mask, meta))
-    return cases
+# One Case type and one .npz loader for the project: the exporter's parity check, the
+# evaluation scripts and training all read ../shared/data the same way.
+load_npz_folder = load_cases
 
 
 def _stem(path: Path) -> str:

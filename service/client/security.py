@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import grpc
+
+from service.loopback import is_loopback
 
 
 def is_loopback_target(target: str) -> bool:
@@ -22,12 +23,7 @@ def is_loopback_target(target: str) -> bool:
         host = target.rsplit(":", 1)[0]
     else:
         host = target  # a bare v6 literal or a host without a port
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def tls_credentials(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
