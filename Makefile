@@ -6,7 +6,7 @@ REPO      ?= model_repository
 HOST      ?= 127.0.0.1
 PORT      ?= 50051
 METRICS_PORT ?= 9090
-MODELS    := $(foreach m,medsam_lite_encoder medsam_lite_decoder,$(REPO)/$(m)/1/model.onnx $(REPO)/$(m)/1/model.py)
+MODELS    := $(foreach m,medsam_lite_encoder medsam_lite_decoder,$(foreach f,model.onnx model.py medseg_runtimes.py,$(REPO)/$(m)/1/$(f)))
 PROTO_OUT := medseg/v1/segmentation_pb2.py
 
 .PHONY: install deploy-tools protos models serve triton test test-unit deploy-check clean
@@ -24,7 +24,8 @@ $(PROTO_OUT): protos/medseg/v1/segmentation.proto | install
 
 protos: install $(PROTO_OUT)
 
-$(MODELS) &: | install
+# The python-backend files are copies of these sources: a change re-exports (ONNX files are kept).
+$(MODELS) &: export/triton_python_model.py service/backends/runtimes.py | install
 	$(PY) -m export medsam_lite --repository $(REPO)
 
 models: install $(MODELS)

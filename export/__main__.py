@@ -4,6 +4,7 @@ Examples::
 
     python -m export medsam_lite                      # CPU target, checks 8 dev cases
     python -m export medsam_lite --target gpu --check-cases all
+    python -m export medsam_lite_bf16                 # BF16 encoder, Dice guard on all dev cases
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-export even if the ONNX files exist")
     parser.add_argument("--check-cases", default="8",
                         help="dev cases for the PyTorch parity check ('all', or 0 to skip)")
+    parser.add_argument("--guard-cases", type=int, default=None,
+                        help="dev cases for an encoder variant's Dice guard (default: all; never skipped)")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data/dev")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    opts = ExportOptions(repository=args.repository, target=args.target, cache_dir=args.cache_dir, force=args.force)
+    opts = ExportOptions(repository=args.repository, target=args.target, cache_dir=args.cache_dir, force=args.force,
+                         guard_cases=args.guard_cases)
     for path in EXPORTERS[args.variant](opts):
         print(f"wrote {path}")
     if args.check_cases != "0" and args.variant == "medsam_lite":

@@ -21,6 +21,7 @@ class ExportOptions:
     cache_dir: Path = Path(".cache")
     version: int = 1
     force: bool = False
+    guard_cases: int | None = None  # dev cases for a variant's Dice guard (None: all)
 
 
 def medsam_lite_entries() -> tuple[RepositoryModel, RepositoryModel]:
@@ -100,10 +101,13 @@ def export_unet(opts: ExportOptions) -> list[Path]:
     return written
 
 
-def export_medsam_lite_int8(opts: ExportOptions) -> list[Path]:
-    from export.quantize import export_medsam_lite_int8 as export
+def _encoder_variant(name: str) -> Callable[[ExportOptions], list[Path]]:
+    def export(opts: ExportOptions) -> list[Path]:
+        from export.encoder_variants import VARIANTS, export_encoder_variant
 
-    return export(opts)
+        return export_encoder_variant(VARIANTS[name], opts, limit=opts.guard_cases)
+
+    return export
 
 
 def export_medsam_lite_tensorrt(opts: ExportOptions) -> list[Path]:
@@ -114,7 +118,8 @@ def export_medsam_lite_tensorrt(opts: ExportOptions) -> list[Path]:
 
 EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
     "medsam_lite": export_medsam_lite,
-    "medsam_lite_int8": export_medsam_lite_int8,
+    "medsam_lite_int8": _encoder_variant("medsam_lite_int8"),
+    "medsam_lite_bf16": _encoder_variant("medsam_lite_bf16"),
     "medsam_lite_tensorrt": export_medsam_lite_tensorrt,
     "unet": export_unet,
 }

@@ -148,28 +148,10 @@ def export_medsam_lite_tensorrt(opts, data_dir: Path | None = None) -> list[Path
 
 def check_tensorrt_dice(onnx_repo: Path, plan_repo: Path, data_dir: Path) -> float:
     """Mean Dice of the engines vs ONNX Runtime on the dev cases; raises beyond MAX_DICE_DELTA."""
-    from export.dev_cases import dice, load_cases, reference_box
-    from export.quantize import dev_dice
-    from export.reference import raw_input
-    from service import sam_transforms as st
-    from service.imageio import decode_image
+    from export.dice_guard import check_drop, dev_dice, session_runner
 
-    base = dev_dice(onnx_repo / "medsam_lite_encoder/1/model.onnx", onnx_repo / "medsam_lite_decoder/1/model.onnx",
-                    data_dir)
-    enc = EngineRunner(plan_repo / "medsam_lite_encoder/1" / PLAN_FILENAME)
-    dec = EngineRunner(plan_repo / "medsam_lite_decoder/1" / PLAN_FILENAME)
-    scores = []
-    for case in load_cases(data_dir):
-        tensor, frame = st.model_input(decode_image(raw_input(case.image)).pixels, 256)
-        emb = enc({"image": tensor})["image_embeddings"]
-        box = st.box_to_model(reference_box(case.mask), frame).reshape(1, 2, 2)
-        low = dec({"image_embeddings": emb, "point_coords": box, "point_labels": np.array([[2.0, 3.0]], np.float32),
-                   "mask_input": np.zeros((1, 1, 256, 256), np.float32),
-                   "has_mask_input": np.zeros((1, 1), np.float32)})["low_res_masks"]
-        scores.append(dice(st.upsample_logits(low[:, 0], frame)[0] > 0, case.mask))
-    delta = abs(float(np.mean(scores) - np.mean(base)))
-    print(f"TensorRT FP16 vs ONNX Runtime on {len(scores)} dev cases: mean Dice {np.mean(scores):.4f} vs "
-          f"{np.mean(base):.4f} (|delta| {delta:.4f}, limit {MAX_DICE_DELTA})")
-    if delta > MAX_DICE_DELTA:
-        raise RuntimeError(f"TensorRT engines differ from ONNX Runtime by {delta:.4f} mean Dice")
-    return delta
+    base = dev_dice(session_runner(onnx_repo / "medsam_lite_encoder/1/model.onnx", batch_axis=True),
+                    session_runner(onnx_repo / "medsam_lite_decoder/1/model.onnx"), data_dir)
+    engines = dev_dice(EngineRunner(plan_repo / "medsam_lite_encoder/1" / PLAN_FILENAME),
+                       EngineRunner(plan_repo / "medsam_lite_decoder/1" / PLAN_FILENAME), data_dir)
+    return abs(check_drop(base, engines, "TensorRT FP16 vs ONNX Runtime", MAX_DICE_DELTA, two_sided=True))

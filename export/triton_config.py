@@ -90,11 +90,13 @@ def render_config(model: RepositoryModel, target: str, instances: int = 1) -> st
 
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+# The gateway's runtime module, shipped beside model.py so both paths run a model alike.
+RUNTIMES_MODULE = Path(__file__).resolve().parents[1] / "service" / "backends" / "runtimes.py"
 
 
 def write_config(repository: Path, model: RepositoryModel, target: str, instances: int = 1, version: int = 1) -> Path:
     """Write ``<repository>/<model>/config.pbtxt``; for the cpu target also the python-backend
-    ``<version>/model.py`` that runs the ONNX file beside it."""
+    ``<version>/model.py`` that runs the ONNX file beside it, with ``medseg_runtimes.py``."""
     path = repository / model.name / "config.pbtxt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_config(model, target, instances))
@@ -102,6 +104,7 @@ def write_config(repository: Path, model: RepositoryModel, target: str, instance
         version_dir = path.parent / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PYTHON_MODEL, version_dir / "model.py")
+        shutil.copyfile(RUNTIMES_MODULE, version_dir / "medseg_runtimes.py")
     return path
 
 

@@ -1,22 +1,28 @@
-"""Triton python-backend model running an ONNX file with ONNX Runtime (the CPU target).
+"""Triton python-backend model running an ONNX file in process (the CPU target).
 
-``python -m export`` copies this file to ``<model>/<version>/model.py``. Tensor names and
-dtypes come from the model's own ``config.pbtxt`` (passed in ``args["model_config"]``),
-never from this file. With ``max_batch_size > 0`` all requests of one dynamic batch are
-concatenated along the batch axis and run in one ONNX Runtime call.
+``python -m export`` copies this file to ``<model>/<version>/model.py`` and the gateway's
+runtime module (service/backends/runtimes.py) beside it as ``medseg_runtimes.py``, so a model
+runs on the same runtime, precision and threads through Triton as in the embedded backend.
+Tensor names and dtypes come from the model's own ``config.pbtxt`` (passed in
+``args["model_config"]``), never from this file. With ``max_batch_size > 0`` all requests of
+one dynamic batch are concatenated along the batch axis and run in one call.
 
-Parameters read from config.pbtxt: ``onnx_filename`` (default model.onnx) and optionally
-``ort_intra_op_threads``.
+Parameters read from config.pbtxt: ``onnx_filename`` (default model.onnx),
+``inference_runtime`` (onnxruntime or openvino), ``inference_precision`` (fp32 or bf16,
+OpenVINO) and ``ort_intra_op_threads``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils  # provided by the python backend
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from medseg_runtimes import open_session  # noqa: E402 - shipped beside this file
 
 
 class TritonPythonModel:
@@ -24,16 +30,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_filename", "model.onnx"))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = int(params.get("ort_intra_op_threads", "0") or 0)
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.session = open_session(path, params, batch_axis=self.batched)
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
-        served = {i.name for i in self.session.get_inputs()}
+        served = set(self.session.input_names)
         if served != {name for name, _ in self.inputs}:
             raise pb_utils.TritonModelException(f"{path}: ONNX inputs {sorted(served)} differ from config.pbtxt")
 
@@ -74,7 +75,7 @@ class TritonPythonModel:
             else:
                 for f, i in zip(feeds, good):
                     responses[i] = self._responses(self.session.run(names, f))
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime errors become request errors
+        except Exception as exc:  # noqa: BLE001 - runtime errors become request errors
             for i in good:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {exc}"))
         return responses

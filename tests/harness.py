@@ -22,7 +22,7 @@ MODEL_REPOSITORY = REPO / "model_repository"
 def ensure_models() -> Path:
     """Export LiteMedSAM if its ONNX files are missing (``make test`` has normally done it)."""
     needed = [MODEL_REPOSITORY / m / "1" / f for m in ("medsam_lite_encoder", "medsam_lite_decoder")
-              for f in ("model.onnx", "model.py")]
+              for f in ("model.onnx", "model.py", "medseg_runtimes.py")]
     if not all(p.is_file() for p in needed):
         subprocess.run([sys.executable, "-m", "export", "medsam_lite", "--check-cases", "0",
                         "--repository", str(MODEL_REPOSITORY)], cwd=REPO, check=True)

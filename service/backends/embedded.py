@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions inside the gateway process (the default on a laptop or CPU node)."""
+"""Models run inside the gateway process (the default on a laptop or CPU node): ONNX Runtime,
+or OpenVINO where a model's config.pbtxt asks for it (service/backends/runtimes.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from service import errors
+from service.backends.runtimes import ModelSession, open_session, runtime_of
+
+LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 from service.model_config import RepositoryEntry, read_entry
 
 log = logging.getLogger(__name__)
@@ -23,7 +26,7 @@ class EmbeddedBackend:
     def __init__(self, repository: Path, threads: int = 0, workers: int = 2) -> None:
         self._repository = Path(repository)
         self._threads = threads
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._sessions: dict[str, ModelSession] = {}
         self._entries: dict[str, RepositoryEntry] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
 
@@ -35,18 +38,15 @@ class EmbeddedBackend:
         path = entry.onnx_path()
         if not path.is_file():
             raise errors.Unavailable(f"model file {path} is missing; run `python -m export` first")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # --ort-threads wins; else the model's own hint in config.pbtxt (the same parameter the
-        # Triton python-backend model.py reads); else ONNX Runtime's default (all cores).
-        threads = self._threads or int(entry.parameters.get("ort_intra_op_threads", "0") or 0)
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = open_session(path, entry.parameters, self._threads, batch_axis=entry.max_batch_size > 0)
+        except ValueError as exc:  # an unknown runtime or precision in config.pbtxt
+            raise errors.Unavailable(f"{folder / 'config.pbtxt'}: {exc}") from exc
+        except ImportError as exc:
+            raise errors.Unavailable(f"model {model!r} needs a runtime that is not installed: {exc}") from exc
         except Exception as exc:  # corrupt or incompatible file
-            raise errors.Unavailable(f"model file {path} cannot be loaded by ONNX Runtime: {exc}") from exc
-        served = {i.name for i in session.get_inputs()}
+            raise errors.Unavailable(f"model file {path} cannot be loaded by {LABELS.get(runtime_of(entry.parameters))}: {exc}") from exc
+        served = set(session.input_names)
         if served != set(entry.input_names):
             raise errors.Unavailable(f"{path}: inputs {sorted(served)} differ from config.pbtxt {entry.input_names}")
         self._sessions[model], self._entries[model] = session, entry
@@ -55,7 +55,7 @@ class EmbeddedBackend:
         loop = asyncio.get_running_loop()
         for model in models:
             await loop.run_in_executor(self._pool, self._load, model)
-            log.info("loaded %s on ONNX Runtime", model)
+            log.info("loaded %s on %s", model, LABELS[runtime_of(self._entries[model].parameters)])
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
                     timeout: float | None = None) -> dict[str, np.ndarray]:
