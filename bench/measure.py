@@ -39,15 +39,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
-def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GEMM throughput of PyTorch on this machine (2*n^3 FLOP per product)."""
+def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 10) -> dict:
+    """Best fp32 GEMM throughput (2*n^3 FLOP per product) of PyTorch and of ONNX Runtime's MLAS
+    (one MatMul node) on this machine; ``peak`` is the larger, the machine's measured limit."""
+    import onnxruntime as ort
     import torch
+    from onnx import TensorProto, helper
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(timed(lambda: a @ b, repeats))
-    return 2 * n**3 / best / 1e9
+    torch_best = min(timed(lambda: a @ b, repeats))
+    spec = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", spec[:2], spec[2:])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"A": a.numpy(), "B": b.numpy()}
+    session.run(None, feeds)
+    ort_best = min(timed(lambda: session.run(None, feeds), repeats))
+    out = {"pytorch": 2 * n**3 / torch_best / 1e9, "onnxruntime": 2 * n**3 / ort_best / 1e9}
+    return {**out, "peak": max(out.values()), "size": n, "threads": threads}
 
 
 def encoder_gflop() -> float:
@@ -64,19 +77,24 @@ def encoder_gflop() -> float:
 
 
 def model_time(repository: Path, image: np.ndarray, window: tuple[float, float], box: tuple,
-               encoder: str = "medsam_lite_encoder") -> dict:
-    """Median in-process time of what the gateway runs per new-image request, step by step."""
-    import onnxruntime as ort
-
+               encoders: tuple[str, ...] = ("medsam_lite_encoder",), rounds: int = 12) -> dict:
+    """Median in-process time of what the gateway runs per new-image request, step by step, on
+    the runtime each repository entry names (as the embedded backend loads it). Several
+    ``encoders`` are timed interleaved, round by round, so they share the machine's state;
+    ``encoder`` is the first one's time, ``encoders`` all of them."""
     from service import sam_transforms as st
+    from service.backends.runtimes import open_session
     from service.domain import Box, ImageInput, Prompt, RawPixels, Window
     from service.imageio import decode_image
+    from service.model_config import read_entry
     from service.prompts import decoder_batches
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    enc = ort.InferenceSession(str(repository / encoder / "1" / "model.onnx"), opts)
-    dec = ort.InferenceSession(str(repository / "medsam_lite_decoder/1/model.onnx"), opts)
+    def session(name: str, batched: bool):
+        entry = read_entry(repository / name)
+        return open_session(entry.onnx_path(), entry.parameters, batch_axis=batched)
+
+    encs = {name: session(name, True) for name in encoders}
+    dec = session("medsam_lite_decoder", False)
     raw = ImageInput(raw=RawPixels("int16", image.shape, image.tobytes()), window=Window(*window))
     state: dict = {}
 
@@ -86,25 +104,29 @@ def model_time(repository: Path, image: np.ndarray, window: tuple[float, float],
     def prep():
         state["tensor"], state["frame"] = st.model_input(state["pixels"], 256)
 
-    def encode():
-        state["emb"] = enc.run(None, {"image": state["tensor"]})[0]
+    def encode(name: str):
+        state["emb"] = encs[name].run(["image_embeddings"], {"image": state["tensor"]})[0]
 
     def decode_masks():
         _, feeds = next(decoder_batches([Prompt(box=Box(*box))], state["frame"], (256, 256)))
-        state["low"] = dec.run(None, {"image_embeddings": state["emb"], **feeds})[0]
+        state["low"] = dec.run(["low_res_masks"], {"image_embeddings": state["emb"], **feeds})[0]
 
     def post():
         st.upsample_logits(state["low"][:, 0], state["frame"])
 
-    steps = {"decode_image": decode, "preprocess": prep, "encoder": encode, "mask_decoder": decode_masks,
-             "postprocess": post}
+    steps = {"decode_image": decode, "preprocess": prep,
+             **{f"encoder:{name}": (lambda n=name: encode(n)) for name in encoders},
+             "mask_decoder": decode_masks, "postprocess": post}
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(12):
+    for i in range(rounds):
         for name, fn in steps.items():
             t = timed(fn, 1)[0]
             if i >= 2:
                 times[name].append(t)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    out = {k: float(np.median(v)) for k, v in times.items() if not k.startswith("encoder:")}
+    out["encoders"] = {name: float(np.median(times[f"encoder:{name}"])) for name in encoders}
+    out["encoder"] = out["encoders"][encoders[0]]
+    return out
 
 
 def _children(pid: int) -> list[int]:
@@ -164,10 +186,19 @@ def load_average() -> str:
     return f"{one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
+ENCODERS = {  # repository entry -> (label, gateway model, result key of its gateway run)
+    "medsam_lite_encoder": ("fp32, ONNX Runtime (default)", "medsam_lite", "gateway_embedded"),
+    "medsam_lite_int8_encoder": ("INT8 (dynamic MatMul), ONNX Runtime", "medsam_lite_int8", "gateway_embedded_int8"),
+    "medsam_lite_bf16_encoder": ("BF16, OpenVINO", "medsam_lite_bf16", "gateway_embedded_bf16"),
+}
+NAMES = {"pytorch_reference": "(a) PyTorch reference, in process", "gateway_embedded": "(b) gateway, embedded ORT",
+         "gateway_embedded_int8": "(b') gateway, embedded, INT8 encoder (ORT)",
+         "gateway_embedded_bf16": "(b'') gateway, embedded, BF16 encoder (OpenVINO)",
+         "gateway_triton": "(c) gateway, Triton"}
+
+
 def render_markdown(r: dict) -> str:
     runs = r["runs"]
-    names = {"pytorch_reference": "(a) PyTorch reference, in process", "gateway_embedded": "(b) gateway, embedded ORT",
-             "gateway_triton": "(c) gateway, Triton", "gateway_embedded_int8": "(b') gateway, embedded ORT, INT8 encoder"}
     lines = ["# Benchmarks", "", f"- Machine: {r['machine']}", f"- Date: {r['date']}", f"- Command: `{r['command']}`",
              f"- Input: {r['input']}; latencies end to end through gRPC for (b) and (c).",
              f"- Load average (1/5/15 min) at start: {r.get('load_start', 'n/a')}, at end: {r.get('load_end', 'n/a')} "
@@ -178,33 +209,49 @@ def render_markdown(r: dict) -> str:
              "## Latency (ms, p50 / p95 / p99)", "",
               "| path | new image | follow-up prompt (cached `image_id`) | peak RSS MB |", "|---|---:|---:|---:|"]
     for key, run in runs.items():
-        rss = f"{run.get('peak_rss_mb', 0):.0f}"
+        rss = f"{run['peak_rss_mb']:.0f}" if "peak_rss_mb" in run else "(same process as (b))"
         if "triton_peak_rss_mb" in run:
             rss += f" (+ tritonserver {run['triton_peak_rss_mb']:.0f})"
         follow = _fmt(run["follow_up"]) + (" (re-runs all)" if "follow_up_note" in run else "")
-        lines.append(f"| {names[key]} | {_fmt(run['new_image'])} | {follow} | {rss} |")
+        lines.append(f"| {NAMES[key]} | {_fmt(run['new_image'])} | {follow} | {rss} |")
     ref = runs["pytorch_reference"]["new_image"]["p50_ms"]
     lines += ["", "## Throughput, new images (bounded number of requests)", "",
               "| path | concurrency | requests | req/s | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|---:|"]
     for key, run in runs.items():
         for c, t in run.get("throughput", {}).items():
-            lines.append(f"| {names[key]} | {c} | {t['requests']} | {t['req_per_s']:.2f} | {t['p50_ms']:.0f} | "
+            lines.append(f"| {NAMES[key]} | {c} | {t['requests']} | {t['req_per_s']:.2f} | {t['p50_ms']:.0f} | "
                          f"{t['p95_ms']:.0f} |")
     mt = r["model_time"]
     model_ms = (mt["encoder"] + mt["mask_decoder"]) * 1000
     lines += ["", "## Where the time goes (embedded, in-process medians, ms)", "",
-              "| decode image | preprocess | encoder | mask decoder | postprocess |", "|---:|---:|---:|---:|---:|",
+              "| decode image | preprocess | encoder (fp32) | mask decoder | postprocess |", "|---:|---:|---:|---:|---:|",
               "| " + " | ".join(f"{mt[k] * 1000:.1f}" for k in ("decode_image", "preprocess", "encoder",
                                                                     "mask_decoder", "postprocess")) + " |"]
-    gflop, peak = r["encoder_gflop"], r["matmul_gflops"]
-    achieved = gflop / mt["encoder"]
+    gflop, mm = r["encoder_gflop"], r["matmul_gflops"]
+    peak = mm["peak"]
+    floor_ms = 1000 * gflop / peak
+    lines += ["", "## Encoder variants (in process, interleaved, median ms)", "",
+              f"Machine fp32 matmul peak: {peak:.0f} GFLOP/s (best of PyTorch {mm['pytorch']:.0f} and ONNX Runtime "
+              f"MLAS {mm['onnxruntime']:.0f}; {mm['size']}², {mm['threads']} threads). Encoder: {gflop:.1f} GFLOP "
+              f"(FlopCounterMode, batch 1), so the fp32 floor is {floor_ms:.0f} ms.", "",
+              "| encoder | ms | achieved GFLOP/s | % of fp32 matmul peak | vs fp32 floor | dev Dice drop |",
+              "|---|---:|---:|---:|---|---:|"]
+    for name, seconds in mt["encoders"].items():
+        label = ENCODERS.get(name, (name,))[0]
+        drop = r.get("dice_drop", {}).get(name)
+        lines.append(f"| {label} | {1000 * seconds:.0f} | {gflop / seconds:.0f} | {100 * gflop / seconds / peak:.0f}% | "
+                     f"{'below' if 1000 * seconds < floor_ms else 'above'} | "
+                     f"{'' if drop is None else f'{drop:+.4f}'} |")
     lines += ["", "## Targets (issue 6), from this run", "", "| figure | value | target |", "|---|---:|---|"]
+    for name, (label, _, key) in ENCODERS.items():
+        if key in runs:
+            speedup = ref / runs[key]["new_image"]["p50_ms"]
+            lines.append(f"| new-image Segment speed-up vs PyTorch reference (p50), embedded, {label} | "
+                         f"{speedup:.2f}x | >= 2.5x |")
     if "gateway_embedded" in runs:
         emb = runs["gateway_embedded"]
-        speedup = ref / emb["new_image"]["p50_ms"]
         overhead = emb["new_image"]["p50_ms"] - model_ms
-        lines += [f"| new-image Segment speed-up, embedded vs PyTorch reference (p50) | {speedup:.2f}x | >= 2.5x |",
-                  f"| follow-up prompt p50 end to end (embedded) | {emb['follow_up']['p50_ms']:.1f} ms | <= 60 ms |",
+        lines += [f"| follow-up prompt p50 end to end (embedded) | {emb['follow_up']['p50_ms']:.1f} ms | <= 60 ms |",
                   f"| gateway overhead (p50 request - model time {model_ms:.0f} ms), 512x512 | {overhead:.0f} ms "
                   f"({100 * overhead / model_ms:.1f}% of model time) | <= 10% |"]
     if "gateway_triton" in runs:
@@ -214,13 +261,13 @@ def render_markdown(r: dict) -> str:
         b = tri.get("triton_batching", {})
         if b:
             lines.append(f"| Triton encoder mean batch size over the run | {b['mean_batch']:.2f} | (dynamic batching) |")
-    lines += [f"| encoder FLOPs (FlopCounterMode, batch 1) | {gflop:.1f} GFLOP | |",
-              f"| encoder achieved throughput | {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f}% of fp32 "
-              f"matmul ({peak:.0f} GFLOP/s, 2048², 2 threads) | >= 70% |",
-              f"| fp32 floor for the encoder (FLOPs / matmul peak) | {1000 * gflop / peak:.0f} ms | |"]
-    if "model_time_int8" in r:
-        t8 = r["model_time_int8"]["encoder"] * 1000
-        lines.append(f"| INT8 encoder time (in process) vs fp32 {mt['encoder'] * 1000:.0f} ms | {t8:.0f} ms "
-                     f"({'below' if t8 < 1000 * gflop / peak else 'above'} the fp32 floor) | or: INT8 below the floor |")
+    fp32 = mt["encoders"].get("medsam_lite_encoder", mt["encoder"])
+    lines.append(f"| fp32 encoder achieved throughput | {gflop / fp32:.0f} GFLOP/s = {100 * gflop / fp32 / peak:.0f}% "
+                 f"of the fp32 matmul peak | >= 70% |")
+    for name in ("medsam_lite_int8_encoder", "medsam_lite_bf16_encoder"):
+        if name in mt["encoders"]:
+            ms = 1000 * mt["encoders"][name]
+            lines.append(f"| {ENCODERS[name][0]} encoder vs the fp32 floor {floor_ms:.0f} ms | {ms:.0f} ms "
+                         f"({'below' if ms < floor_ms else 'above'}) | or: below the floor, Dice drop <= 0.005 |")
     lines.append("")
     return "\n".join(lines)

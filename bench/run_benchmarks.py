@@ -113,11 +113,26 @@ def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concur
             "throughput": throughput}
 
 
+def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per-case Dice on ../shared/data/dev of each encoder entry (on its own runtime) with the fp32 decoder."""
+    from export.dice_guard import dev_dice, session_runner
+    from service.model_config import read_entry
+
+    repo = REPO / "model_repository"
+    decoder = session_runner(repo / "medsam_lite_decoder" / "1" / "model.onnx")
+    out = {}
+    for name in encoders:
+        entry = read_entry(repo / name)
+        out[name] = dev_dice(session_runner(entry.onnx_path(), entry.parameters, batch_axis=True), decoder,
+                             SHARED_DATA / "dev")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--no-triton", action="store_true")
-    parser.add_argument("--no-int8", action="store_true", help="skip the INT8 encoder variant")
+    parser.add_argument("--no-variants", action="store_true", help="skip the INT8 and BF16 encoder variants")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
@@ -131,17 +146,19 @@ def main(argv: list[str] | None = None) -> int:
                      "load_start": measure.load_average()}
     print("matmul peak ...", flush=True)
     results["matmul_gflops"] = measure.matmul_gflops(threads=2)
-    print("model time in process (ONNX Runtime) ...", flush=True)
-    results["model_time"] = measure.model_time(REPO / "model_repository", images.next(), WINDOW, BOX)
+    variants = [] if args.no_variants else ["medsam_lite_int8", "medsam_lite_bf16"]
+    for variant in variants:
+        if not (REPO / "model_repository" / f"{variant}_encoder" / "1" / "model.onnx").is_file():
+            subprocess.run([sys.executable, "-m", "export", variant], cwd=REPO, check=True)
+    encoders = ("medsam_lite_encoder", *(f"{v}_encoder" for v in variants))
+    print("model time in process ...", flush=True)
+    results["model_time"] = measure.model_time(REPO / "model_repository", images.next(), WINDOW, BOX, encoders)
     results["encoder_gflop"] = measure.encoder_gflop()
-    int8 = not args.no_int8
-    if int8:
-        int8_file = REPO / "model_repository" / "medsam_lite_int8_encoder" / "1" / "model.onnx"
-        if not int8_file.is_file():
-            subprocess.run([sys.executable, "-m", "export", "medsam_lite_int8", "--check-cases", "0"], cwd=REPO,
-                           check=True)
-        results["model_time_int8"] = measure.model_time(REPO / "model_repository", images.next(), WINDOW, BOX,
-                                                        encoder="medsam_lite_int8_encoder")
+    if variants:
+        print("dev Dice of the encoder variants ...", flush=True)
+        results["dev_dice"] = dev_dice_by_encoder(encoders)
+        base = np.mean(results["dev_dice"]["medsam_lite_encoder"])
+        results["dice_drop"] = {k: float(base - np.mean(v)) for k, v in results["dev_dice"].items()}
     print("reference (PyTorch, in process) ...", flush=True)
     # In a child process so its peak memory is its own.
     ref = subprocess.run([sys.executable, "-c", "import json,sys; sys.path.insert(0, %r); from bench.run_benchmarks "
@@ -156,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
             run["stage_seconds"] = measure.stage_means(gw.metrics_text())
             results["runs"]["gateway_embedded"] = run
-            if int8:
-                print("gateway, embedded backend, INT8 encoder ...", flush=True)
-                run = bench_gateway(gw.target, images, n_new, n_cached, [1], n_conc // 2, model="medsam_lite_int8")
-                results["runs"]["gateway_embedded_int8"] = run
+            for variant in variants:
+                print(f"gateway, embedded backend, {variant} ...", flush=True)
+                results["runs"][f"gateway_embedded_{variant.rsplit('_', 1)[1]}"] = bench_gateway(
+                    gw.target, images, n_new, n_cached, [1], n_conc // 2, model=variant)
         finally:
             gw.stop()
         if not args.no_triton:
