@@ -1,4 +1,4 @@
-# Quick start:  make serve   (install, export, serve LiteMedSAM on ONNX Runtime)
+# Quick start:  make serve   (install, export, serve LiteMedSAM on ONNX Runtime, + its BF16 variant)
 #               make test    (the whole test suite; what CI runs)
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -28,7 +28,13 @@ protos: install $(PROTO_OUT)
 $(MODELS) &: export/triton_python_model.py service/backends/runtimes.py | install
 	$(PY) -m export medsam_lite --repository $(REPO)
 
-models: install $(MODELS)
+# The BF16 encoder variant (OpenVINO), written only if it passes the dev Dice guard; a failed
+# guard leaves it out (the fp32 model still serves) and tests/integration/test_encoder_variants.py fails.
+BF16_MODEL := $(REPO)/medsam_lite_bf16_encoder/1/model.onnx
+$(BF16_MODEL): $(MODELS)
+	-$(PY) -m export medsam_lite_bf16 --repository $(REPO)
+
+models: install $(MODELS) $(BF16_MODEL)
 
 # Plaintext without tokens is allowed on loopback only; elsewhere add TLS/token flags, or
 # SERVE_FLAGS=--insecure for local development.

@@ -25,6 +25,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -87,14 +88,18 @@ def bench_reference(images: Images, n: int, threads: int) -> dict:
 
 
 def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concurrency: list[int],
-                  n_concurrent: int, model: str = "") -> dict:
+                  n_concurrent: int, model: str = "", metrics: Callable[[], str] | None = None) -> dict:
+    """Latency and throughput through ``target``; with ``metrics`` (a scrape of the gateway's
+    /metrics) also the gateway's own stage times over exactly the timed new-image requests."""
     with SegmentationClient(target, timeout=600) as client:
         def new() -> str:
             return client.segment(image=image_from_array(images.next(), window=WINDOW), boxes=[BOX],
                                   model=model).image_id
 
         image_id = new()  # warm-up
+        before = metrics() if metrics else ""
         new_lat = measure.timed(new, n_new)
+        stages = measure.stage_means(metrics(), before) if metrics else {}
         follow = measure.timed(lambda: client.segment(image_id=image_id, boxes=[BOX], model=model), n_cached)
     throughput = {}
     for c in concurrency:
@@ -110,7 +115,7 @@ def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concur
         wall = time.perf_counter() - start
         throughput[str(c)] = {"requests": n_concurrent, "req_per_s": n_concurrent / wall, **measure.percentiles(lat)}
     return {"new_image": measure.percentiles(new_lat), "follow_up": measure.percentiles(follow),
-            "throughput": throughput}
+            "throughput": throughput, "new_image_stages": stages}
 
 
 def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
@@ -128,6 +133,15 @@ def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
     return out
 
 
+def write_report(results: dict, out: Path) -> None:
+    text = measure.render_markdown(results)
+    notes = Path(__file__).with_name("BENCHMARKS_NOTES.md")
+    if notes.is_file():  # the hand-kept method and findings, after this run's tables
+        text += "\n" + notes.read_text()
+    out.write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
@@ -135,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-variants", action="store_true", help="skip the INT8 and BF16 encoder variants")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-write the report from the existing --json results without measuring")
     args = parser.parse_args(argv)
+    if args.render_only:
+        write_report(json.loads(args.json.read_text()), args.out)
+        return 0
     n_new, n_cached, n_conc = (5, 10, 8) if args.quick else (20, 60, 32)
     concurrency = [1, 4, 16]
     ensure_models()
@@ -169,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         print("gateway, embedded backend ...", flush=True)
         gw = GatewayProcess(Path(tmp) / "embedded").start().wait_serving()
         try:
-            run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc)
+            run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc, metrics=gw.metrics_text)
             run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
             run["stage_seconds"] = measure.stage_means(gw.metrics_text())
             results["runs"]["gateway_embedded"] = run
             for variant in variants:
                 print(f"gateway, embedded backend, {variant} ...", flush=True)
                 results["runs"][f"gateway_embedded_{variant.rsplit('_', 1)[1]}"] = bench_gateway(
-                    gw.target, images, n_new, n_cached, [1], n_conc // 2, model=variant)
+                    gw.target, images, n_new, n_cached, [1], n_conc // 2, model=variant, metrics=gw.metrics_text)
         finally:
             gw.stop()
         if not args.no_triton:
@@ -185,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             gw = GatewayProcess(Path(tmp) / "tgw", "--backend", "triton", "--triton-url", server.grpc_target,
                                 "--backend-timeout-s", "600").start().wait_serving()
             try:
-                run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc)
+                run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc,
+                                    metrics=gw.metrics_text)
                 run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
                 run["triton_peak_rss_mb"] = measure.peak_rss_mb([server.proc.pid], children=True)
                 run["stage_seconds"] = measure.stage_means(gw.metrics_text())
@@ -196,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
     results["load_end"] = measure.load_average()
     args.json.write_text(json.dumps(results, indent=2))
-    text = measure.render_markdown(results)
-    args.out.write_text(text)
-    print(text)
+    write_report(results, args.out)
     return 0
 
 
