@@ -32,6 +32,8 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_filename", "model.onnx"))
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.session = open_session(path, params, batch_axis=self.batched)
+        if hasattr(self.session, "prepare"):  # OpenVINO: compile the dynamic batcher's batch sizes at load
+            self.session.prepare(config.get("dynamic_batching", {}).get("preferred_batch_size", []))
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
         served = set(self.session.input_names)

@@ -102,6 +102,12 @@ class OpenVinoSession:
                 self._compiled[batch] = (self._core.compile_model(model, "CPU", self._config), queue.SimpleQueue())
             return self._compiled[batch]
 
+    def prepare(self, batch_sizes: list[int]) -> None:
+        """Compile these batch sizes now (e.g. Triton's preferred batch sizes) rather than on
+        the first request that brings one."""
+        for batch in batch_sizes if self._batch_axis else []:
+            self._get(int(batch))
+
     def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = next(iter(feeds.values())).shape[0] if self._batch_axis else 0
         compiled, pool = self._get(batch)

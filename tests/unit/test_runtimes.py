@@ -64,6 +64,8 @@ def test_openvino_batched_model_compiles_each_batch_size_and_serves_threads_at_o
     for x, out in zip(inputs, outputs):
         np.testing.assert_allclose(out, reference.run(["logits"], {"x": x})[0], rtol=1e-4, atol=1e-3)
     assert set(session._compiled) == {1, 2, 3}
+    session.prepare([4])
+    assert set(session._compiled) == {1, 2, 3, 4}
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native BF16 (AVX512-BF16 or AMX)")
