@@ -12,11 +12,10 @@ import numpy as np
 
 from service import errors
 from service.backends.runtimes import ModelSession, open_session, runtime_of
-
-LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 from service.model_config import RepositoryEntry, read_entry
 
 log = logging.getLogger(__name__)
+LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 class EmbeddedBackend:
@@ -45,7 +44,8 @@ class EmbeddedBackend:
         except ImportError as exc:
             raise errors.Unavailable(f"model {model!r} needs a runtime that is not installed: {exc}") from exc
         except Exception as exc:  # corrupt or incompatible file
-            raise errors.Unavailable(f"model file {path} cannot be loaded by {LABELS.get(runtime_of(entry.parameters))}: {exc}") from exc
+            runtime = LABELS[runtime_of(entry.parameters)]
+            raise errors.Unavailable(f"model file {path} cannot be loaded by {runtime}: {exc}") from exc
         served = set(session.input_names)
         if served != set(entry.input_names):
             raise errors.Unavailable(f"{path}: inputs {sorted(served)} differ from config.pbtxt {entry.input_names}")

@@ -13,9 +13,8 @@ python-backend ``model.py`` reads, so both paths run a model the same way):
   slow down (measured: an OpenVINO BF16 encoder call right after a spinning ONNX Runtime
   decoder call took 166 instead of 150 ms; encoder + decoder on ONNX Runtime alone: equal).
 
-Both sessions expose ``input_names``, ``output_names`` and
-``run(output_names, feeds) -> list[np.ndarray]``
-and may be called from several threads at once.
+Both sessions expose ``input_names``, ``output_names`` and ``run(output_names, feeds) ->
+list[np.ndarray]``, and may be called from several threads at once.
 """
 
 from __future__ import annotations
@@ -97,7 +96,8 @@ class OpenVinoSession:
                     import openvino as ov
 
                     model = self._model.clone()
-                    model.reshape({p.get_any_name(): ov.PartialShape([ov.Dimension(batch), *list(p.get_partial_shape())[1:]])
+                    model.reshape({p.get_any_name(): ov.PartialShape([ov.Dimension(batch),
+                                                                      *list(p.get_partial_shape())[1:]])
                                    for p in model.inputs})
                 self._compiled[batch] = (self._core.compile_model(model, "CPU", self._config), queue.SimpleQueue())
             return self._compiled[batch]
