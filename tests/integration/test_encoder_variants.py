@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import shutil
 
+import grpc
 import numpy as np
 import pytest
 
 from export.dev_cases import iou, load_cases, reference_box
 from export.encoder_variants import VARIANTS, export_encoder_variant
 from export.registry import ExportOptions
+from medseg.v1 import segmentation_pb2 as pb
+from medseg.v1 import segmentation_pb2_grpc as pb_grpc
 from service.client import SegmentationClient, image_from_array
 from tests.harness import REPO, GatewayProcess, TritonProcess
+from tests.integration.conftest import MAX_REQUEST_BYTES
+from tests.integration.test_bad_input import BOX, CASES as BAD_CASES, GOOD_IMAGE
 
 pytestmark = pytest.mark.slow
 BF16 = "medsam_lite_bf16"
@@ -34,7 +39,9 @@ def variant_repository(model_repository, tmp_path_factory, shared_data):
 
 @pytest.fixture(scope="module")
 def variant_gateway(variant_repository, tmp_path_factory):
-    proc = GatewayProcess(tmp_path_factory.mktemp("variant-gw"), "--model-repository", str(variant_repository))
+    # The limits of the shared gateway (tests/integration/conftest.py), so its bad-input cases apply.
+    proc = GatewayProcess(tmp_path_factory.mktemp("variant-gw"), "--model-repository", str(variant_repository),
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-prompts", "8")
     proc.start().wait_serving()
     yield proc
     proc.stop()
@@ -86,3 +93,19 @@ def test_triton_serves_the_bf16_variant_like_the_embedded_backend(variant_reposi
     finally:
         gw.stop()
         server.stop()
+
+
+@pytest.mark.parametrize("name", sorted(set(BAD_CASES) - {"unknown_model"}))
+def test_bad_requests_to_the_bf16_model_get_their_status_and_it_keeps_serving(variant_gateway, name):
+    request, code = BAD_CASES[name]
+    aimed = pb.SegmentRequest()
+    aimed.CopyFrom(request)
+    aimed.model = BF16
+    with grpc.insecure_channel(variant_gateway.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.SegmentationStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Segment(aimed, timeout=30)
+        assert info.value.code() == code, info.value.details()
+        good = stub.Segment(pb.SegmentRequest(image=GOOD_IMAGE, prompts=[pb.Prompt(box=BOX)], model=BF16), timeout=30)
+        assert len(good.masks) == 1 and good.model.name == BF16
+    assert "Traceback" not in variant_gateway.log()
