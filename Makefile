@@ -7,7 +7,7 @@ HOST      ?= 127.0.0.1
 PORT      ?= 50051
 METRICS_PORT ?= 9090
 MODELS    := $(foreach m,medsam_lite_encoder medsam_lite_decoder,$(foreach f,model.onnx model.py medseg_runtimes.py,$(REPO)/$(m)/1/$(f)))
-PROTO_OUT := medseg/v1/segmentation_pb2.py
+PROTO_OUT := client/medseg_client/_generated/segmentation_pb2.py
 
 .PHONY: install deploy-tools protos models serve triton test test-unit deploy-check clean
 .DEFAULT_GOAL := serve
@@ -60,4 +60,4 @@ test-unit: protos
 	$(PY) -m pytest tests/unit
 
 clean:
-	rm -rf medseg $(REPO)/*/1 .pytest_cache
+	rm -rf $(REPO)/*/1 .pytest_cache

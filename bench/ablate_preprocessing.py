@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.dev_cases import SHARED_DATA, dice, load_cases, reference_box  # noqa: E402
-from service import sam_transforms as st  # noqa: E402
-from service.imageio import normalise  # noqa: E402
+from service.core import geometry as st  # noqa: E402
+from service.core.imageio import normalise  # noqa: E402
 
 MARK = "\n## Preprocessing ablation"
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from export.dev_cases import SHARED_DATA, dice, load_cases, reference_box  # noqa: E402
 from export.reference import TorchReference  # noqa: E402
-from service.client import SegmentationClient, image_from_array  # noqa: E402
+from medseg_client import SegmentationClient, image_from_array  # noqa: E402
 from tests.harness import GatewayProcess, ensure_models  # noqa: E402
 
 

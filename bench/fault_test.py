@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.load_test import DOC, open_loop, percentile, write_section  # noqa: E402
 from export.dev_cases import SHARED_DATA, iou, load_cases, reference_box  # noqa: E402
-from medseg.v1 import segmentation_pb2 as pb  # noqa: E402
-from service.client import SegmentationClient, image_from_array  # noqa: E402
-from service.mask_codec import decode_mask  # noqa: E402
-from service.domain import MaskEncoding  # noqa: E402
+from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
+from medseg_client import SegmentationClient, image_from_array  # noqa: E402
+from service.core.mask_codec import decode_mask  # noqa: E402
+from service.core.domain import MaskEncoding  # noqa: E402
 from tests.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -82,12 +82,12 @@ def model_time(repository: Path, image: np.ndarray, window: tuple[float, float],
     the runtime each repository entry names (as the embedded backend loads it). Several
     ``encoders`` are timed interleaved, round by round, so they share the machine's state;
     ``encoder`` is the first one's time, ``encoders`` all of them."""
-    from service import sam_transforms as st
+    from service.core import geometry as st
     from service.backends.runtimes import open_session
-    from service.domain import Box, ImageInput, Prompt, RawPixels, Window
-    from service.imageio import decode_image
-    from service.model_config import read_entry
-    from service.prompts import decoder_batches
+    from service.core.domain import Box, ImageInput, Prompt, RawPixels, Window
+    from service.core.imageio import decode_image
+    from service.backends.repository import read_entry
+    from service.core.prompts import decoder_batches
 
     def session(name: str, batched: bool):
         entry = read_entry(repository / name)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import measure  # noqa: E402
 from export.dev_cases import SHARED_DATA  # noqa: E402
-from service.client import SegmentationClient, image_from_array  # noqa: E402
+from medseg_client import SegmentationClient, image_from_array  # noqa: E402
 from tests.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
 
 BOX = (150.0, 120.0, 380.0, 400.0)
@@ -121,7 +121,7 @@ def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concur
 def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
     """Per-case Dice on ../shared/data/dev of each encoder entry (on its own runtime) with the fp32 decoder."""
     from export.dice_guard import dev_dice, session_runner
-    from service.model_config import read_entry
+    from service.backends.repository import read_entry
 
     repo = REPO / "model_repository"
     decoder = session_runner(repo / "medsam_lite_decoder" / "1" / "model.onnx")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.domain import Box
+from service.core.domain import Box
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

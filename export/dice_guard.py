@@ -31,8 +31,8 @@ def session_runner(path: Path, parameters: dict[str, str] | None = None, batch_a
 def dev_dice(encoder: Runner, decoder: Runner, data_dir: Path, limit: int | None = None) -> list[float]:
     """Per-case Dice against the reference masks, prompted with each case's reference box."""
     from export.reference import raw_input
-    from service import sam_transforms as st
-    from service.imageio import decode_image
+    from service.core import geometry as st
+    from service.core.imageio import decode_image
 
     scores = []
     for case in load_cases(data_dir, limit):

@@ -17,7 +17,7 @@ from export.onnx_io import run_onnx
 from export.reference import TorchReference
 from export.registry import ExportOptions
 from export.triton_config import ONNX_FILENAME
-from service import sam_transforms as st
+from service.core import geometry as st
 
 MIN_IOU = 0.99
 

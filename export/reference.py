@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from export import medsam_lite as ml
-from service import sam_transforms as st
-from service.domain import Box, ImageInput, RawPixels
-from service.imageio import decode_image
+from service.core import geometry as st
+from service.core.domain import Box, ImageInput, RawPixels
+from service.core.imageio import decode_image
 
 
 def raw_input(image: np.ndarray) -> ImageInput:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 stamp="$VENV/.installed"
-want=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements/*.txt pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -20,5 +20,7 @@ C=(-c requirements/constraints.txt)
 "${pip[@]}" "${C[@]}" torch
 "${pip[@]}" "${C[@]}" -r requirements/base.txt -r requirements/test.txt -r requirements/training.txt
 "${pip[@]}" "${C[@]}" --no-deps -r requirements/nodeps.txt
+# The client SDK is its own package (client/); the gateway and the tests use it from the tree.
+"${pip[@]}" --no-deps -e ./client
 echo "$want" > "$stamp"
 echo "bootstrap: environment ready in $VENV"

@@ -7,7 +7,7 @@ import logging
 import sys
 import warnings
 
-from service.server import serve
+from service.edge.server import serve
 from service.settings import Settings
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from service.domain import ImageLimits
+from service.core.domain import ImageLimits
 
 BACKENDS = ("embedded", "triton")
 

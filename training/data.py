@@ -9,7 +9,7 @@ Layouts:
 * npz folder: ``*.npz`` with ``image``, ``mask`` and a ``meta`` JSON string (``../shared/data``).
 * NIfTI pairs: ``images/NAME.nii[.gz]`` + ``masks/NAME.nii[.gz]`` (mask optional); a 3-D
   volume gives one case per slice along the last voxel axis (``NAME_zK``), oriented as the
-  gateway orients NIfTI (``flipud(vol[:, :, k].T)``, see :mod:`service.imageio`); only
+  gateway orients NIfTI (``flipud(vol[:, :, k].T)``, see :mod:`service.core.imageio`); only
   slices whose mask is non-empty are kept unless ``keep_empty``.
 * PNG pairs: ``images/NAME.png`` + ``masks/NAME.png`` (mask > 0 is foreground; optional).
 """

@@ -2,7 +2,7 @@
 
 The served ONNX models of ``model_repository/`` (``medsam_lite_encoder``,
 ``medsam_lite_decoder``) run in ONNX Runtime with the gateway's own decoding
-(:func:`service.imageio.normalise`) and geometry (:mod:`service.sam_transforms`), so a
+(:func:`service.core.imageio.normalise`) and geometry (:mod:`service.core.geometry`), so a
 pseudo-label is exactly what the gateway would answer to a box prompt. Tensor names come
 from each model's ``config.pbtxt``.
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service import sam_transforms as st
-from service.domain import Box
-from service.imageio import normalise
-from service.model_config import read_entry
+from service.core import geometry as st
+from service.core.domain import Box
+from service.core.imageio import normalise
+from service.backends.repository import read_entry
 
 
 @dataclass(frozen=True)

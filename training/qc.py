@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from service.imageio import normalise
+from service.core.imageio import normalise
 from training.pseudo_labels import PseudoLabel, box_region
 
 

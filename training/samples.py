@@ -1,7 +1,7 @@
 """Cases + weak labels -> tensors in the model frame, and seeded batches.
 
 Every image goes through :func:`export.segmenter_io.preprocess` after the gateway's
-intensity normalisation (:func:`service.imageio.normalise`, percentile rule): the exact
+intensity normalisation (:func:`service.core.imageio.normalise`, percentile rule): the exact
 input the served model will get. Labels are moved into the same ``size x size`` frame
 (:func:`export.segmenter_io.resize_labels`); the zero padding is "unlabelled" (-1) in the
 scribble, point and pseudo-label maps and background in the reference mask.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from export.segmenter_io import Frame, preprocess, resize_labels
-from service.imageio import normalise
+from service.core.imageio import normalise
 from training.data import Case
 from training.pseudo_labels import PseudoLabel
 from training.weak_labels import WeakLabels

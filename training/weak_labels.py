@@ -2,7 +2,7 @@
 
 Coordinates are the gateway's API convention (continuous input-image pixels, origin at the
 top-left *corner*: pixel (row i, column j) covers [j, j+1) x [i, i+1); see
-:mod:`service.sam_transforms`).
+:mod:`service.core.geometry`).
 
 Simulators (each draws from ``numpy.random.default_rng([seed, crc32(case_id)])``, so a case's
 annotation depends only on the seed and its id, never on the order of cases):

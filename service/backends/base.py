@@ -11,9 +11,9 @@ class Backend(Protocol):
     """Runs repository models by name.
 
     ``infer`` takes and returns tensors named as in the model's ``config.pbtxt``; it raises
-    :class:`service.errors.Unavailable` when the backend cannot serve right now,
-    :class:`service.errors.DeadlineExceeded` on timeout and
-    :class:`service.errors.BackendError` for anything else.
+    :class:`service.core.errors.Unavailable` when the backend cannot serve right now,
+    :class:`service.core.errors.DeadlineExceeded` on timeout and
+    :class:`service.core.errors.BackendError` for anything else.
     """
 
     name: str

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service import errors
+from service.core import errors
 from service.backends.runtimes import ModelSession, open_session, runtime_of
-from service.model_config import RepositoryEntry, read_entry
+from service.backends.repository import RepositoryEntry, read_entry
 
 log = logging.getLogger(__name__)
 LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}

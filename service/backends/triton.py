@@ -15,7 +15,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service import errors
+from service.core import errors
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0

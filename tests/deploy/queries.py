@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 from tests.deploy.conftest import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "rules.yaml"

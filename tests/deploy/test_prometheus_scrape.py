@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.client import SegmentationClient, image_from_array
+from medseg_client import SegmentationClient, image_from_array
 from tests import harness
 from tests.deploy.conftest import system_tool
 from tests.deploy.prometheus_process import PrometheusProcess

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.client import SegmentationClient
+from medseg_client import SegmentationClient
 from tests.harness import GatewayProcess, TritonProcess, ensure_models
 
 # Small enough to test RESOURCE_EXHAUSTED cheaply, large enough for every real test image.

@@ -15,8 +15,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from medseg.v1 import segmentation_pb2 as pb
-from service.client import SegmentationClient
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client import SegmentationClient
 from tests.harness import GatewayProcess
 
 FILES = ("CT_small.dcm", "MR_small.dcm", "693_UNCR.dcm")

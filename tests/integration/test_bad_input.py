@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.v1 import segmentation_pb2 as pb
-from medseg.v1 import segmentation_pb2_grpc as pb_grpc
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
 from tests.integration.conftest import MAX_REQUEST_BYTES
 
 INVALID, NOT_FOUND, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

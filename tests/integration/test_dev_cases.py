@@ -7,7 +7,7 @@ import pytest
 
 from export.dev_cases import dice, load_cases, reference_box
 from export.reference import TorchReference
-from service.client import image_from_array
+from medseg_client import image_from_array
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import pytest
 from export.dev_cases import iou, load_cases, reference_box
 from export.encoder_variants import VARIANTS, export_encoder_variant
 from export.registry import ExportOptions
-from medseg.v1 import segmentation_pb2 as pb
-from medseg.v1 import segmentation_pb2_grpc as pb_grpc
-from service.client import SegmentationClient, image_from_array
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
+from medseg_client import SegmentationClient, image_from_array
 from tests.harness import REPO, GatewayProcess, TritonProcess
 from tests.integration.conftest import MAX_REQUEST_BYTES
 from tests.integration.test_bad_input import BOX, CASES as BAD_CASES, GOOD_IMAGE

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.v1 import segmentation_pb2 as pb
+from medseg_client._generated import segmentation_pb2 as pb
 from tests.unit.test_fuzz import VALID, chaotic_requests, well_formed_requests
 
 EXAMPLES = int(os.environ.get("MEDSEG_FUZZ_WIRE_EXAMPLES", "25"))

@@ -8,8 +8,8 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from export.dev_cases import dice, load_cases, reference_box
-from medseg.v1 import segmentation_pb2 as pb
-from service.client import image_from_array, image_from_file
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client import image_from_array, image_from_file
 from tests.harness import metric_value
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from service.client import SegmentationClient, image_from_array
+from medseg_client import SegmentationClient, image_from_array
 from tests.harness import REPO, GatewayProcess, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import SegmentationClient, image_from_array, image_from_file, tls_credentials
-from service.client.__main__ import main as cli
+from medseg_client import SegmentationClient, image_from_array, image_from_file, tls_credentials
+from medseg_client.__main__ import main as cli
 from tests.harness import REPO, GatewayProcess, wait_for
 from tests.pki import CertificateAuthority, Issuer, tokens_line
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from export.dev_cases import iou, load_cases, reference_box
-from service.client import SegmentationClient, image_from_array
+from medseg_client import SegmentationClient, image_from_array
 from tests.harness import GatewayProcess, TritonProcess, metric_value, wait_for
 
 pytestmark = pytest.mark.slow

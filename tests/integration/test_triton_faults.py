@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from service.client import SegmentationClient, image_from_array
+from medseg_client import SegmentationClient, image_from_array
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.slow

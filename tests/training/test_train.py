@@ -79,7 +79,7 @@ def smoke(tmp_path_factory, shared_data):
 
 @pytest.mark.slow
 def test_smoke_loss_falls_and_export_matches_pytorch(smoke):
-    from service.model_config import read_entry
+    from service.backends.repository import read_entry
 
     history, cfg = smoke["result"].history, smoke["cfg"]
     assert np.mean(history[-8:]) < 0.8 * np.mean(history[:8])
@@ -144,8 +144,8 @@ def test_smoke_model_is_served_by_a_real_tritonserver(smoke, tmp_path):
 def test_smoke_model_is_listed_and_served_prompt_free_by_a_real_gateway(smoke, tmp_path):
     import grpc
 
-    from medseg.v1 import segmentation_pb2 as pb
-    from service.client import SegmentationClient, image_from_array
+    from medseg_client._generated import segmentation_pb2 as pb
+    from medseg_client import SegmentationClient, image_from_array
     from tests.harness import GatewayProcess
 
     case = smoke["dev"][0]

@@ -8,9 +8,9 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service import errors
-from service.admission import Admission
-from service.deadline import DeadlineBoundBackend, backend_timeout, bounded, remaining
+from service.core import errors
+from service.edge.admission import Admission
+from service.edge.deadline import DeadlineBoundBackend, backend_timeout, bounded, remaining
 
 
 def run(coro):

@@ -14,10 +14,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from service import errors
-from service.auth import (ANONYMOUS, Authenticator, JwtVerifier, StaticTokens, bearer_token, parse_jwks,
+from service.core import errors
+from service.security.auth import (ANONYMOUS, Authenticator, JwtVerifier, StaticTokens, bearer_token, parse_jwks,
                           parse_tokens, token_digest)
-from service.gateway import StartupError
+from service.core.errors import StartupError
 from service.settings import Settings
 from tests.pki import Issuer, tokens_line
 
@@ -195,7 +195,7 @@ def test_settings_require_issuer_and_audience_with_a_jwks(tmp_path):
 
 
 def test_new_token_command_prints_a_matching_tokens_line(capsys):
-    from service.auth import main
+    from service.security.auth import main
 
     assert main(["new-token", "pacs-router", "medsam_lite"]) == 0
     out = capsys.readouterr().out.splitlines()

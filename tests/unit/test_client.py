@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.v1 import segmentation_pb2 as pb
-from medseg.v1 import segmentation_pb2_grpc as pb_grpc
-from service.client import SegmentationClient, build_prompts, image_from_array, image_from_file
-from service.client.__main__ import build_parser, main, mask_paths
-from service.client.overlay import draw_overlay, load_display_image, mask_outline
-from service.domain import MaskEncoding
-from service.mask_codec import encode_mask
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
+from medseg_client import SegmentationClient, build_prompts, image_from_array, image_from_file
+from medseg_client.__main__ import build_parser, main, mask_paths
+from medseg_client.overlay import draw_overlay, load_display_image, mask_outline
+from service.core.domain import MaskEncoding
+from service.core.mask_codec import encode_mask
 
 CT_SMALL = Path("/work/shared/data/dicom/CT_small.dcm")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from medseg.v1 import segmentation_pb2 as pb
-from medseg.v1 import segmentation_pb2_grpc as pb_grpc
-from service.client import SegmentationClient, tls_credentials
-from service.client.__main__ import main
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
+from medseg_client import SegmentationClient, tls_credentials
+from medseg_client.__main__ import main
 from tests.pki import CertificateAuthority
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.embedding_cache import EmbeddingCache
-from service.sam_transforms import Frame
+from service.inference.cache import EmbeddingCache
+from service.core.geometry import Frame
 
 FRAME = Frame(10, 10, 256)
 

@@ -31,12 +31,14 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from medseg.v1 import segmentation_pb2 as pb
-from service import api, errors, prompts
-from service.domain import ImageInput, ImageLimits, ModelInfo, PromptKind, RawPixels
-from service.imageio import decode_image
-from service.sam_transforms import model_input
-from service.status import status_for
+from medseg_client._generated import segmentation_pb2 as pb
+from service.edge import convert as api
+from service.core import errors
+from service.core import prompts
+from service.core.domain import ImageInput, ImageLimits, ModelInfo, PromptKind, RawPixels
+from service.core.imageio import decode_image
+from service.core.geometry import model_input
+from service.edge.status import status_for
 
 EXAMPLES = int(os.environ.get("MEDSEG_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=dt.timedelta(seconds=10), database=None,

@@ -1,4 +1,4 @@
-"""Tests of service.imageio: format sniffing, limits, error translation and normalisation."""
+"""Tests of service.core.imageio: format sniffing, limits, error translation and normalisation."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from service.domain import DecodedImage, ImageInput, ImageLimits, RawPixels, Window
-from service.errors import InvalidImage, PayloadTooLarge
-from service.imageio import GZIP_EXPANSION, RAW_DTYPES, decode_image, dicom_window, normalise
+from service.core.domain import DecodedImage, ImageInput, ImageLimits, RawPixels, Window
+from service.core.errors import InvalidImage, PayloadTooLarge
+from service.core.imageio import GZIP_EXPANSION, RAW_DTYPES, decode_image, dicom_window, normalise
 
 RNG_SEED = 1234
 

@@ -1,4 +1,4 @@
-"""Round trips and malformed input for service.mask_codec."""
+"""Round trips and malformed input for service.core.mask_codec."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from service.domain import MaskEncoding
-from service.mask_codec import decode_mask, encode_mask, rle_counts
+from service.core.domain import MaskEncoding
+from service.core.mask_codec import decode_mask, encode_mask, rle_counts
 
 ALL_ENCODINGS = list(MaskEncoding)
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from export.registry import medsam_lite_entries
 from export.triton_config import write_config
-from service.domain import PromptKind
-from service.model_config import discover
+from service.core.domain import PromptKind
+from service.backends.repository import discover
 
 
 def test_litemedsam_is_discovered_with_its_prompt_rules(tmp_path):

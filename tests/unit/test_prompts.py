@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service import errors
-from service.domain import Box, ModelInfo, Point, Prompt, PromptKind
-from service.prompts import decoder_batches, sparse_points, validate
-from service.sam_transforms import Frame
+from service.core import errors
+from service.core.domain import Box, ModelInfo, Point, Prompt, PromptKind
+from service.core.prompts import decoder_batches, sparse_points, validate
+from service.core.geometry import Frame
 
 FRAME = Frame(100, 200, 256)
 LITE = ModelInfo("lite", "1", 256, frozenset({PromptKind.BOX, PromptKind.MASK}), frozenset({PromptKind.BOX}))

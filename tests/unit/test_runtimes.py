@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.triton_config import RepositoryModel, Tensor, write_config
-from service import errors
+from service.core import errors
 from service.backends.embedded import EmbeddedBackend
 from service.backends.runtimes import OpenVinoSession, OrtSession, open_session
 

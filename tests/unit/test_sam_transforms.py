@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.domain import Box, Point
-from service.sam_transforms import Frame, box_from_model, box_to_model, model_input, points_to_model, upsample_logits
+from service.core.domain import Box, Point
+from service.core.geometry import Frame, box_from_model, box_to_model, model_input, points_to_model, upsample_logits
 
 
 @given(h=st.integers(1, 4000), w=st.integers(1, 4000), x0=st.floats(0, 1), y0=st.floats(0, 1),

@@ -15,13 +15,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from medseg.v1 import segmentation_pb2 as pb
-from medseg.v1 import segmentation_pb2_grpc as pb_grpc
-from service import audit, deadline, errors
-from service.auth import Authenticator
-from service.domain import MaskResult, ModelInfo, PromptKind, SegmentResult
-from service.metrics import Metrics
-from service.server import create_server
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
+from service.observability import audit
+from service.edge import deadline
+from service.core import errors
+from service.security.auth import Authenticator
+from service.core.domain import MaskResult, ModelInfo, PromptKind, SegmentResult
+from service.observability.metrics import Metrics
+from service.edge.server import create_server
 from service.settings import Settings
 from tests.pki import tokens_line
 
@@ -35,7 +37,7 @@ OTHER_MODEL = pb.SegmentRequest(model="other", image=IMAGE, prompts=REQUEST.prom
 
 
 class FakeGateway:
-    """What the servicer needs of :class:`service.gateway.Gateway`, with a controllable delay."""
+    """What the servicer needs of :class:`service.inference.gateway.Gateway`, with a controllable delay."""
 
     def __init__(self, settings: Settings, delay_s: float = 0.0, fail: Exception | None = None) -> None:
         self.settings, self.delay_s, self.fail = settings, delay_s, fail

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service import errors
-from service.status import client_message, status_for
+from service.core import errors
+from service.edge.status import client_message, status_for
 
 EXPECTED = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

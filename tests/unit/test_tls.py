@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from service.client.security import is_loopback_target
-from service.gateway import StartupError
+from medseg_client.security import is_loopback_target
+from service.core.errors import StartupError
 from service.settings import Settings
-from service.tls import ReloadingCredentials, check_exposure, is_loopback, parse_material
-from service.watched_file import WatchedFiles
+from service.security.tls import ReloadingCredentials, check_exposure, is_loopback, parse_material
+from service.security.watched_file import WatchedFiles
 from tests.pki import CertificateAuthority
 
 

@@ -1,0 +1,249 @@
+"""Command line client: ``python -m service.client {segment,models,embed} ...``.
+
+Call :func:`main` with an argument list to run it in process; it returns the exit code
+(0 ok, 1 gRPC error, 2 usage or local file error). gRPC errors are reported as one line,
+``error: <STATUS_CODE>: <details>``, on stderr, without a traceback.
+
+Security options (every command): ``--ca-file`` (TLS, server verified against that CA),
+``--cert-file``/``--key-file`` (mutual TLS), ``--tls`` (TLS with the system trust store),
+``--tls-server-name``, ``--token-file`` or the ``MEDSEG_TOKEN`` environment variable (bearer
+token; there is deliberately no ``--token`` flag, which would show in ``ps``), and
+``--insecure`` (plaintext to a non-loopback server, development only). Without TLS options a
+loopback server is reached in plaintext and any other server over TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client import SegmentationClient, image_from_file, tls_credentials
+from medseg_client.images import SUPPORTED_SUFFIXES
+from medseg_client.overlay import draw_overlay, load_display_image
+
+_SEGMENT_EPILOG = """\
+Coordinates are input-image pixels: x = column, y = row, origin at the top-left corner
+(a box over a whole W x H image is 0 0 W H). One mask per --box; with a single --box the
+--point flags refine that box's mask, with no --box all points form one prompt, and
+--point cannot be combined with several --box flags. With neither, the request carries no
+prompt: what a prompt-free segmenter (ListModels shows no prompt kinds) expects.
+
+Output: MASK.png is an 8-bit PNG (0 = background, 255 = structure) at the input image's
+size. With several prompts MASK.png is the union of all masks, and each prompt's own mask
+is also written next to it as MASK-0.png, MASK-1.png, ... in prompt order.
+Prints one line per mask (index, predicted IoU, area in pixels) and the image_id.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m service.client``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.client",
+        description="Client of the medseg.v1.Segmentation gRPC gateway.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    segment = commands.add_parser(
+        "segment",
+        help="segment an image with box/point prompts and write the masks as PNG",
+        description="Segment an image with box and/or point prompts.",
+        epilog=_SEGMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_server(segment)
+    _add_image(segment)
+    segment.add_argument(
+        "--box", nargs=4, type=float, action="append", default=[], metavar=("X0", "Y0", "X1", "Y1"),
+        help="box prompt in input-image pixels (repeatable: one mask per box)",
+    )
+    segment.add_argument(
+        "--point", nargs=3, type=float, action="append", default=[], metavar=("X", "Y", "LABEL"),
+        help="point prompt; LABEL 1 = foreground, 0 = background (repeatable)",
+    )
+    _add_model(segment)
+    segment.add_argument("--out", required=True, type=Path, metavar="MASK.png",
+                         help="output mask PNG (the union when there are several prompts)")
+    segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png",
+                         help="also write the image with mask outlines, boxes and points drawn")
+
+    models = commands.add_parser("models", help="list the models the server serves")
+    _add_server(models)
+
+    embed = commands.add_parser("embed", help="embed an image once and print its image_id")
+    _add_server(embed)
+    _add_image(embed)
+    _add_model(embed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Bad arguments make argparse raise :class:`SystemExit` (code 2), as usual.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    if getattr(args, "window", None) is not None and args.window[1] <= 0:
+        parser.error("--window WIDTH must be > 0")
+    if getattr(args, "slice", None) is not None and args.slice < 0:
+        parser.error("--slice must be >= 0")
+    if args.command == "segment":
+        _check_segment_args(parser, args)
+    try:
+        with _client(args) as client:
+            if args.command == "segment":
+                return _segment(client, args)
+            if args.command == "models":
+                return _models(client)
+            return _embed(client, args)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        print(f"error: {name}: {' '.join(str(details).split())}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------- commands
+def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
+    window = tuple(args.window) if args.window else None
+    image = image_from_file(args.image, window=window, slice_index=args.slice)
+    boxes = [tuple(box) for box in args.box]
+    points = [(x, y, int(label)) for x, y, label in args.point]
+    result = client.segment(image=image, boxes=boxes, points=points, model=args.model)
+    for index, path in enumerate(mask_paths(args.out, len(result.masks))):
+        mask = result.union() if index == 0 else result.masks[index - 1]
+        write_mask_png(mask, path)
+    for index, (iou, area) in enumerate(zip(result.predicted_ious, result.areas, strict=True)):
+        print(f"mask {index}: predicted_iou={iou:.4f} area={area} px")
+    print(f"image_id: {result.image_id}")
+    print(f"model: {result.model_name} {result.model_version}".rstrip())
+    if args.overlay is not None:
+        display = load_display_image(args.image, window=window, slice_index=args.slice)
+        draw_overlay(display, result.masks, boxes, points).save(args.overlay)
+    return 0
+
+
+def _models(client: SegmentationClient) -> int:
+    rows = [("NAME", "VERSION", "INPUT", "PROMPTS (* required)", "DEFAULT")]
+    for info in client.list_models():
+        required = set(info.required_prompt_kinds)
+        kinds = ", ".join(
+            _kind_name(kind) + ("*" if kind in required else "") for kind in info.prompt_kinds
+        )
+        rows.append((info.name, info.version, str(info.input_size), kinds, "yes" if info.is_default else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _embed(client: SegmentationClient, args: argparse.Namespace) -> int:
+    window = tuple(args.window) if args.window else None
+    image = image_from_file(args.image, window=window, slice_index=args.slice)
+    result = client.embed(image, model=args.model)
+    print(f"image_id: {result.image_id}")
+    print(f"cached: {'yes' if result.cached else 'no'}")
+    print(f"model: {result.model_name} {result.model_version}".rstrip())
+    print(f"size: {result.height} x {result.width} (H x W)")
+    return 0
+
+
+# --------------------------------------------------------------------------- outputs
+def mask_paths(out: Path, n_masks: int) -> list[Path]:
+    """Where ``segment`` writes: ``[out]`` for one mask; ``[out, out-0, out-1, ...]`` for several.
+
+    ``out`` holds the union; ``MASK-i.png`` (same folder and suffix) holds prompt ``i``'s mask.
+    """
+    if n_masks <= 1:
+        return [out]
+    return [out, *(out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n_masks))]
+
+
+def write_mask_png(mask: np.ndarray, path: Path) -> None:
+    """Write bool ``(H, W)`` ``mask`` as an 8-bit greyscale PNG, 0 = background, 255 = structure."""
+    Image.fromarray(np.asarray(mask, dtype=np.uint8) * np.uint8(255), mode="L").save(path, format="PNG")
+
+
+# --------------------------------------------------------------------------- helpers
+def _client(args: argparse.Namespace) -> SegmentationClient:
+    """The client the security flags ask for; ValueError/OSError on unusable files."""
+    if bool(args.cert_file) != bool(args.key_file):
+        raise ValueError("--cert-file and --key-file go together (mutual TLS)")
+    if args.insecure and (args.tls or args.ca_file or args.cert_file):
+        raise ValueError("--insecure cannot be combined with TLS options")
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file:
+        credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file)
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    elif os.environ.get("MEDSEG_TOKEN"):
+        token = os.environ["MEDSEG_TOKEN"].strip()
+    return SegmentationClient(args.server, timeout=args.timeout, credentials=credentials, token=token,
+                              insecure=args.insecure, tls_server_name=args.tls_server_name)
+
+
+def _add_server(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="gateway address")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="deadline of the call in seconds (default: 60)")
+    security = parser.add_argument_group(
+        "security", "Without TLS options: plaintext to a loopback server, TLS (system trust store) otherwise.")
+    security.add_argument("--tls", action="store_true", help="use TLS even for a loopback server")
+    security.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify the server with (implies TLS)")
+    security.add_argument("--cert-file", metavar="PEM", help="client certificate for mutual TLS (with --key-file)")
+    security.add_argument("--key-file", metavar="PEM", help="client private key for mutual TLS")
+    security.add_argument("--tls-server-name", metavar="NAME",
+                          help="name to verify in the server certificate when it differs from HOST")
+    security.add_argument("--token-file", metavar="FILE",
+                          help="file holding the bearer token (default: environment variable MEDSEG_TOKEN)")
+    security.add_argument("--insecure", action="store_true",
+                          help="plaintext even to a non-loopback server (development only)")
+
+
+def _add_image(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, type=Path, metavar="FILE",
+                        help=f"input image ({', '.join(SUPPORTED_SUFFIXES)})")
+    parser.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"),
+                        help="intensity window in native units (HU for CT); default: the file's "
+                             "own window, the modality default or a percentile stretch")
+    parser.add_argument("--slice", type=int, metavar="N",
+                        help="slice of a 3-D input (NIfTI last axis, DICOM frame); default: middle")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="", metavar="NAME",
+                        help="model name from 'models' (default: the server's default model)")
+
+
+def _check_segment_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.point and len(args.box) > 1:
+        parser.error("--point cannot be combined with several --box flags (which box would it refine?)")
+    for x, y, label in args.point:
+        if label not in (0.0, 1.0):
+            parser.error(f"--point {x:g} {y:g} {label:g}: LABEL must be 1 (foreground) or 0 (background)")
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return pb.PromptKind.Name(kind).removeprefix("PROMPT_KIND_").lower()
+    except ValueError:
+        return str(kind)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

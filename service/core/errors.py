@@ -1,0 +1,90 @@
+"""The gateway's one exception tree.
+
+Every error a client can cause, or that the serving stack can hit, is a subclass of
+:class:`ServiceError` with a message a client developer can act on. The mapping to gRPC
+status codes lives in :mod:`service.edge.status` and nowhere else; this module imports no
+gRPC so that the pipeline, cache and backends stay transport-free.
+
+Messages must never contain patient data (names, IDs, DICOM tag values): they are sent
+to the client and may be logged.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of all domain errors; ``str(exc)`` is the client-facing message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- the client sent something wrong -------------------------------------------------
+class InvalidArgument(ServiceError):
+    """The request is malformed; retrying it unchanged will fail again."""
+
+
+class InvalidImage(InvalidArgument):
+    """Image bytes cannot be decoded, or the pixel array has a bad dtype/shape/values."""
+
+
+class InvalidPrompt(InvalidArgument):
+    """A prompt is malformed or does not fit the image (outside it, zero area, NaN)."""
+
+
+class UnsupportedPrompt(InvalidArgument):
+    """The model does not support this kind of prompt (e.g. points on a box-only model)."""
+
+
+# --- something named in the request does not exist ------------------------------------
+class NotFound(ServiceError):
+    """A named resource does not exist."""
+
+
+class ModelNotFound(NotFound):
+    """No model of that name is served."""
+
+
+class ImageNotFound(NotFound):
+    """The ``image_id`` is unknown or its embedding has been evicted; send the image again."""
+
+
+# --- limits ---------------------------------------------------------------------------
+class ResourceExhausted(ServiceError):
+    """A configured limit was hit (payload size, in-flight requests)."""
+
+
+class PayloadTooLarge(ResourceExhausted):
+    """The image or request is larger than the configured limit."""
+
+
+class Overloaded(ResourceExhausted):
+    """Too many requests in flight; retry with backoff."""
+
+
+# --- the serving stack ----------------------------------------------------------------
+class Unavailable(ServiceError):
+    """The backend (Triton, ONNX Runtime session) is not ready; retry later."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before the backend answered."""
+
+
+class Unauthenticated(ServiceError):
+    """Missing or invalid credentials."""
+
+
+class PermissionDenied(ServiceError):
+    """The caller is authenticated but not allowed to do this."""
+
+
+class BackendError(ServiceError):
+    """The backend failed in a way that is our bug, not the client's (bad tensor, crash)."""
+
+
+# --- start-up -------------------------------------------------------------------------
+class StartupError(RuntimeError):
+    """The gateway cannot start serving (no models, missing or corrupt model files, unsafe
+    or incomplete security settings). Not a client error: ``main()`` prints it and exits."""

@@ -1,0 +1,79 @@
+"""Pre- and post-processing of a prompt-free segmenter (the trained U-Nets of ``training/``).
+
+One function pair used by training *and* serving, so a served model sees exactly the inputs
+it was trained on. numpy + Pillow only (the gateway must not depend on torch or MONAI).
+
+Geometry is the gateway's SAM geometry (:func:`service.core.geometry.model_input`): the
+longest side is resized to ``size`` (bilinear), the image is zero-padded at the
+bottom/right to ``size x size``; :func:`postprocess` crops the un-padded region of the
+logits and resizes it back bilinearly (:func:`service.core.geometry.upsample_logits`).
+
+Intensities are the gateway's decoded pixels (:func:`service.core.imageio.normalise`: native
+intensities -> percentile 0.5-99.5 -> [0, 1] for a raw grey array); an RGB image is
+averaged to grey.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.core.geometry import Frame, model_input, upsample_logits
+
+__all__ = ["Frame", "preprocess", "postprocess", "resize_labels", "to_grey"]
+
+
+def to_grey(pixels: np.ndarray) -> np.ndarray:
+    """float32 ``(H, W)``: ``pixels`` ``(H, W)`` unchanged, ``(H, W, 3)`` averaged over channels."""
+    if pixels.ndim == 3:
+        return np.ascontiguousarray(pixels.mean(axis=2), dtype=np.float32)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected (H, W) or (H, W, 3) pixels, got shape {pixels.shape}")
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def preprocess(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Frame]:
+    """Decoded pixels -> the segmenter's input.
+
+    ``pixels``: float32 ``(H, W)`` or ``(H, W, 3)`` in [0, 1] (the gateway's decoded image).
+    Returns float32 ``(1, 1, size, size)`` (tensor ``image`` of the served model) and the
+    :class:`Frame` that :func:`postprocess` needs.
+    """
+    tensor, frame = model_input(to_grey(pixels), size)
+    return np.ascontiguousarray(tensor[:, :1]), frame
+
+
+def postprocess(logits: np.ndarray, frame: Frame) -> np.ndarray:
+    """Served ``logits`` -> bool ``(H, W)`` foreground mask in input-image pixels.
+
+    ``logits``: float32 ``(1, C, size, size)`` or ``(C, size, size)``, channel 0 background.
+    C == 1: foreground where the logit > 0; C == 2: where ``logit[1] > logit[0]`` (the
+    margin is resized, which equals resizing both channels: bilinear is linear); C > 2:
+    any non-background channel wins the arg-max after resizing.
+    """
+    x = np.asarray(logits, dtype=np.float32)
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"postprocess takes one image's logits, got batch {x.shape[0]}")
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"expected (C, S, S) logits, got shape {x.shape}")
+    if x.shape[0] == 1:
+        return upsample_logits(x, frame)[0] > 0.0
+    if x.shape[0] == 2:
+        return upsample_logits(x[1:2] - x[0:1], frame)[0] > 0.0
+    return np.argmax(upsample_logits(x, frame), axis=0) != 0
+
+
+def resize_labels(labels: np.ndarray, frame: Frame, ignore: int = -1) -> np.ndarray:
+    """Integer label map ``(H, W)`` -> int64 ``(size, size)`` in the model frame.
+
+    Nearest-neighbour resize of the un-padded region (value of the source pixel under
+    each target pixel's centre); padding gets ``ignore``. Used for reference masks,
+    scribbles and pseudo-labels so every label lives in the same frame as the input.
+    """
+    h, w = frame.resized_hw
+    rows = np.minimum(((np.arange(h) + 0.5) * frame.height / h).astype(np.int64), frame.height - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * frame.width / w).astype(np.int64), frame.width - 1)
+    out = np.full((frame.size, frame.size), ignore, dtype=np.int64)
+    out[:h, :w] = np.asarray(labels)[rows[:, None], cols[None, :]]
+    return out

@@ -1,0 +1,109 @@
+"""The gateway's state independent of gRPC: models, backend, cache, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from service.core import errors
+from service.core.errors import StartupError
+from service.backends.base import Backend
+from service.core.domain import EmbedResult, ImageInput, ModelInfo, SegmentRequest, SegmentResult
+from service.inference.cache import EmbeddingCache
+from service.observability.metrics import Metrics
+from service.backends.repository import SamModel, SegmenterModel, discover
+from service.inference.pipeline import SamPipeline
+from service.inference.segmenter_pipeline import SegmenterPipeline
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+_PIPELINES = {SamModel: SamPipeline, SegmenterModel: SegmenterPipeline}
+START_RETRY_S = 1.0
+
+
+class Gateway:
+    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        models = discover(settings.model_repository, settings.default_model)
+        if not models:
+            raise StartupError(f"no servable models in {settings.model_repository!s}; "
+                               "run `python -m export medsam_lite` (or `make models`) first")
+        if settings.default_model not in models:
+            raise StartupError(f"default model {settings.default_model!r} is not in the repository "
+                               f"(found: {', '.join(sorted(models))})")
+        self.cache = EmbeddingCache(settings.cache_bytes, settings.cache_ttl_s, on_change=metrics.cache_changed)
+        self.pipelines = {
+            name: _PIPELINES[type(model)](model, backend, self.cache, metrics, settings.image_limits,
+                                          settings.max_prompts, settings.backend_timeout_s)
+            for name, model in models.items()
+        }
+        self.ready = False
+        self._on_ready_change: list[Callable[[bool], Awaitable[None]]] = []
+
+    def on_ready_change(self, callback: Callable[[bool], Awaitable[None]]) -> None:
+        self._on_ready_change.append(callback)
+
+    async def _set_ready(self, ready: bool) -> None:
+        if ready != self.ready:
+            log.info("gateway %s", "ready: SERVING" if ready else "not ready: NOT_SERVING")
+        self.ready = ready
+        self.metrics.backend_ready.labels(self.backend.name).set(1 if ready else 0)
+        for callback in self._on_ready_change:
+            await callback(ready)
+
+    async def start(self) -> None:
+        """Load every model and warm it up; raises StartupError with a clear message."""
+        if self.settings.startup_delay_s > 0:
+            await asyncio.sleep(self.settings.startup_delay_s)
+        names = list(dict.fromkeys(m for p in self.pipelines.values() for m in p.repository_models))  # shared decoders
+        while True:
+            try:
+                await self.backend.start(names)
+                for pipeline in self.pipelines.values():
+                    await pipeline.warmup()
+                break
+            except errors.Unavailable as exc:
+                if not getattr(self.backend, "retry_start", False):
+                    raise StartupError(exc.message) from exc
+                log.warning("backend not ready yet (%s); retrying in %.0f s", exc.message, START_RETRY_S)
+                await asyncio.sleep(START_RETRY_S)
+            except errors.ServiceError as exc:
+                raise StartupError(exc.message) from exc
+        await self._set_ready(True)
+
+    async def watch_backend(self, interval_s: float = 1.0) -> None:
+        """Follow the backend's readiness (health goes NOT_SERVING and back without a restart)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                ready = await self.backend.ready()
+            except Exception:  # a readiness probe must not kill the watcher
+                ready = False
+            await self._set_ready(ready)
+
+    def pipeline(self, model: str) -> SamPipeline:
+        pipeline = self.pipelines.get(model)
+        if pipeline is None:
+            raise errors.ModelNotFound(f"model {model!r} is not served here; ListModels shows "
+                                       f"{', '.join(sorted(self.pipelines))}")
+        if not self.ready:
+            raise errors.Unavailable("models are loading or the backend is not ready; retry when "
+                                     "grpc.health.v1 reports SERVING")
+        return pipeline
+
+    def list_models(self) -> list[ModelInfo]:
+        return [p.info for p in self.pipelines.values()]
+
+    async def segment(self, request: SegmentRequest) -> SegmentResult:
+        return await self.pipeline(request.model).segment(request)
+
+    async def embed(self, model: str, image: ImageInput) -> EmbedResult:
+        pipeline = self.pipeline(model)
+        image_id, entry, cached = await pipeline.embed(image)
+        return EmbedResult(pipeline.info, image_id, entry.frame.height, entry.frame.width, cached)
+
+    async def close(self) -> None:
+        await self.backend.close()

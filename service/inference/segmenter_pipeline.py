@@ -1,0 +1,61 @@
+"""Prompt-free segmenters (the U-Nets trained by ``training/``): decode -> preprocess ->
+segmenter (cached per image) -> one mask for the whole image.
+
+The cached "embedding" of a segmenter is its output logits, so a follow-up ``Segment`` on the
+same ``image_id`` (another mask encoding, say) costs no model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from service.core import errors
+from service.backends.base import Backend
+from service.core.domain import DecodedImage, ImageLimits, MaskResult, SegmentRequest, SegmentResult
+from service.inference.cache import EmbeddingCache
+from service.observability.metrics import Metrics
+from service.backends.repository import SegmenterModel
+from service.inference.pipeline import CachedPipeline
+from service.core.geometry import Frame
+from service.core.segmenter_io import postprocess, preprocess
+
+
+class SegmenterPipeline(CachedPipeline):
+    def __init__(self, model: SegmenterModel, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
+                 limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
+        super().__init__(model.info, backend, cache, metrics, limits, max_prompts, timeout_s)
+        self.model = model
+        self.repository_models = (model.entry.name,)
+        self._input = model.entry.inputs[0].name
+        self._output = model.entry.outputs[0].name
+
+    async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
+        name = self.info.name
+        with self._metrics.stage("preprocess", name):
+            tensor, frame = await asyncio.to_thread(preprocess, decoded.pixels, self.info.input_size)
+        with self._metrics.stage("segmenter", name):
+            out = await self._backend.infer(self.model.entry.name, {self._input: tensor}, [self._output],
+                                            self._timeout)
+        return out[self._output], frame
+
+    def check_request(self, request: SegmentRequest, frame: Frame) -> None:
+        if request.prompts:
+            raise errors.UnsupportedPrompt(
+                f"model {self.info.name!r} is a prompt-free segmenter: send no prompts; it segments "
+                f"{self.model.structure} in the whole image (see ListModels)")
+
+    async def segment(self, request: SegmentRequest) -> SegmentResult:
+        image_id, entry = await self.resolve(request)
+        with self._metrics.stage("postprocess", self.info.name):
+            mask = await asyncio.to_thread(postprocess, entry.embedding, entry.frame)
+        # A segmenter has no IoU head: predicted_iou is 0 (documented in the proto).
+        result = MaskResult(mask, 0.0, None)
+        return SegmentResult(self.info, image_id, entry.frame.height, entry.frame.width, (result,))
+
+    async def warmup(self) -> None:
+        size = self.info.input_size
+        ramp = np.linspace(0.0, 1.0, size * size, dtype=np.float32).reshape(size, size)
+        logits, frame = await self._encode(DecodedImage(ramp, "raw"))
+        postprocess(logits, frame)
