@@ -11,7 +11,7 @@ from service.core.errors import StartupError
 from service.backends.base import Backend
 from service.core.domain import EmbedResult, ImageInput, ModelInfo, SegmentRequest, SegmentResult
 from service.inference.cache import EmbeddingCache
-from service.observability.metrics import Metrics
+from service.inference.observer import Observer
 from service.backends.repository import SamModel, SegmenterModel, discover
 from service.inference.pipeline import SamPipeline
 from service.inference.segmenter_pipeline import SegmenterPipeline
@@ -23,7 +23,7 @@ START_RETRY_S = 1.0
 
 
 class Gateway:
-    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, backend: Backend, metrics: Observer) -> None:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
@@ -50,7 +50,7 @@ class Gateway:
         if ready != self.ready:
             log.info("gateway %s", "ready: SERVING" if ready else "not ready: NOT_SERVING")
         self.ready = ready
-        self.metrics.backend_ready.labels(self.backend.name).set(1 if ready else 0)
+        self.metrics.backend_ready(ready)
         for callback in self._on_ready_change:
             await callback(ready)
 

@@ -17,7 +17,7 @@ from service.core.domain import (Box, DecodedImage, ImageInput, ImageLimits, Mas
                             SegmentRequest, SegmentResult)
 from service.inference.cache import CachedEmbedding, EmbeddingCache
 from service.core.imageio import decode_image
-from service.observability.metrics import Metrics
+from service.inference.observer import Observer
 from service.backends.repository import SamModel
 from service.core.geometry import Frame, model_input, upsample_logits
 
@@ -40,7 +40,7 @@ class CachedPipeline:
 
     repository_models: tuple[str, ...] = ()
 
-    def __init__(self, info: ModelInfo, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
+    def __init__(self, info: ModelInfo, backend: Backend, cache: EmbeddingCache, metrics: Observer,
                  limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
         self.info = info
         self._backend, self._cache, self._metrics = backend, cache, metrics
@@ -68,17 +68,17 @@ class CachedPipeline:
         decoded, image_hash, seconds = await asyncio.to_thread(self._decode, image)
         if request is not None:
             self.check_request(request, Frame(decoded.height, decoded.width, self.info.input_size))
-        self._metrics.stage_latency.labels("decode_image", self.info.name, self._metrics.backend).observe(seconds)
+        self._metrics.observe_stage("decode_image", self.info.name, seconds)
         key = (self.info.name, self.info.version, image_hash)
         cached = self._cache.get(key)
         if cached is not None:
-            self._metrics.cache_hits.labels(self.info.name).inc()
+            self._metrics.cache_hit(self.info.name)
             return image_hash, cached, True
         pending = self._pending.get(key)
         if pending is not None:  # the same image is being encoded for another request
-            self._metrics.cache_hits.labels(self.info.name).inc()
+            self._metrics.cache_hit(self.info.name)
             return image_hash, await asyncio.shield(pending), True
-        self._metrics.cache_misses.labels(self.info.name).inc()
+        self._metrics.cache_miss(self.info.name)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
@@ -109,7 +109,7 @@ class CachedPipeline:
         if entry is None:
             raise errors.ImageNotFound(f"image_id {image_id!r} is unknown to model {self.info.name!r} or has "
                                        "expired from the cache; send the image again (EmbedImage or Segment)")
-        self._metrics.cache_hits.labels(self.info.name).inc()
+        self._metrics.cache_hit(self.info.name)
         return entry
 
 
@@ -117,7 +117,7 @@ class CachedPipeline:
 class SamPipeline(CachedPipeline):
     """Serves one promptable model (image encoder + prompt decoder) through a backend."""
 
-    def __init__(self, model: SamModel, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
+    def __init__(self, model: SamModel, backend: Backend, cache: EmbeddingCache, metrics: Observer,
                  limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
         super().__init__(model.info, backend, cache, metrics, limits, max_prompts, timeout_s)
         self.model = model

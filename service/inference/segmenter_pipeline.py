@@ -15,7 +15,7 @@ from service.core import errors
 from service.backends.base import Backend
 from service.core.domain import DecodedImage, ImageLimits, MaskResult, SegmentRequest, SegmentResult
 from service.inference.cache import EmbeddingCache
-from service.observability.metrics import Metrics
+from service.inference.observer import Observer
 from service.backends.repository import SegmenterModel
 from service.inference.pipeline import CachedPipeline
 from service.core.geometry import Frame
@@ -23,7 +23,7 @@ from service.core.segmenter_io import postprocess, preprocess
 
 
 class SegmenterPipeline(CachedPipeline):
-    def __init__(self, model: SegmenterModel, backend: Backend, cache: EmbeddingCache, metrics: Metrics,
+    def __init__(self, model: SegmenterModel, backend: Backend, cache: EmbeddingCache, metrics: Observer,
                  limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
         super().__init__(model.info, backend, cache, metrics, limits, max_prompts, timeout_s)
         self.model = model

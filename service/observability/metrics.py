@@ -1,4 +1,8 @@
-"""Prometheus metrics of the gateway, on their own registry (no module-level globals)."""
+"""Prometheus metrics of the gateway, on their own registry (no module-level globals).
+
+:class:`Metrics` implements :class:`service.inference.observer.Observer`, the interface through
+which the inference layer reports stage times, cache use and backend readiness.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +31,24 @@ class Metrics:
         self.cache_entries = Gauge("medseg_embedding_cache_entries", "Embeddings held", registry=r)
         self.cache_evictions = Gauge("medseg_embedding_cache_evictions", "Embeddings evicted for space so far",
                                      registry=r)
-        self.backend_ready = Gauge("medseg_backend_ready", "1 when the backend serves every model", ["backend"],
+        self.backend_ready_gauge = Gauge("medseg_backend_ready", "1 when the backend serves every model", ["backend"],
                                    registry=r)
 
     def stage(self, stage: str, model: str):
         """Context manager timing one pipeline stage."""
         return self.stage_latency.labels(stage, model, self.backend).time()
+
+    def observe_stage(self, stage: str, model: str, seconds: float) -> None:
+        self.stage_latency.labels(stage, model, self.backend).observe(seconds)
+
+    def cache_hit(self, model: str) -> None:
+        self.cache_hits.labels(model).inc()
+
+    def cache_miss(self, model: str) -> None:
+        self.cache_misses.labels(model).inc()
+
+    def backend_ready(self, ready: bool) -> None:
+        self.backend_ready_gauge.labels(self.backend).set(1 if ready else 0)
 
     def cache_changed(self, cache) -> None:
         self.cache_bytes.set(cache.bytes)

@@ -1,0 +1,55 @@
+"""What the inference layer reports while it works, as a narrow interface.
+
+The inference layer sits below observability (see the layer contracts in pyproject.toml): it
+must not import Prometheus or :mod:`service.observability`. It reports through an
+:class:`Observer`; the gateway process hands it :class:`service.observability.metrics.Metrics`,
+which implements these methods, and tools that run the predictor alone use :class:`NullObserver`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Protocol
+
+
+class Observer(Protocol):
+    backend: str
+
+    def stage(self, stage: str, model: str) -> ContextManager[object]:
+        """Time one pipeline stage (decode_image, preprocess, encoder, mask_decoder, ...)."""
+
+    def observe_stage(self, stage: str, model: str, seconds: float) -> None:
+        """Record a stage measured elsewhere (e.g. in a worker thread)."""
+
+    def cache_hit(self, model: str) -> None: ...
+
+    def cache_miss(self, model: str) -> None: ...
+
+    def cache_changed(self, cache) -> None:
+        """The cache's bytes / entries / evictions changed (``cache`` has those attributes)."""
+
+    def backend_ready(self, ready: bool) -> None: ...
+
+
+class NullObserver:
+    """Reports nothing (tools, benchmarks and tests that run the inference layer alone)."""
+
+    backend = "none"
+
+    def stage(self, stage: str, model: str) -> ContextManager[object]:
+        return contextlib.nullcontext()
+
+    def observe_stage(self, stage: str, model: str, seconds: float) -> None:
+        pass
+
+    def cache_hit(self, model: str) -> None:
+        pass
+
+    def cache_miss(self, model: str) -> None:
+        pass
+
+    def cache_changed(self, cache) -> None:
+        pass
+
+    def backend_ready(self, ready: bool) -> None:
+        pass
