@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from export.registry import EXPORTERS, ExportOptions
+from export.options import ExportOptions
+from export.registry import EXPORTERS
 
 
 def main(argv: list[str] | None = None) -> int:

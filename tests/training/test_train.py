@@ -59,7 +59,8 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
 def smoke(tmp_path_factory, shared_data):
     """CI smoke run: 40 iterations on 6 real brain slices at 64x64, exported with the
     ``unet`` exporter into a temporary model repository (~30 s on 2 cores)."""
-    from export.registry import ExportOptions, export_unet
+    from export.options import ExportOptions
+    from export.registry import export_unet
 
     tmp = tmp_path_factory.mktemp("smoke")
     start = time.monotonic()
@@ -85,8 +86,9 @@ def test_smoke_loss_falls_and_export_matches_pytorch(smoke):
     assert np.mean(history[-8:]) < 0.8 * np.mean(history[:8])
     assert {p.name for p in smoke["written"]} == {"model.onnx", "config.pbtxt"}
     entry = read_entry(smoke["repo"] / "unet_smoke")
-    assert entry.parameters["medseg.role"] == "segmenter" and entry.parameters["medseg.input_size"] == "64"
-    assert entry.parameters["medseg.prompt_kinds"] == ""
+    assert entry.gateway.role == "segmenter" and entry.gateway.input_size == 64
+    assert entry.gateway.prompt_kinds == frozenset()
+    assert 'key: "medseg.prompt_kinds"' in (smoke["repo"] / "unet_smoke" / "config.pbtxt").read_text()
     assert entry.input_names == ["image"] and entry.output_names == ["logits"]
     onnx_run, torch_run = onnx_predictor(str(entry.onnx_path())), smoke["torch"]
     for case in smoke["dev"]:

@@ -9,7 +9,9 @@ import pytest
 from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.triton_config import read_config, render_config
+from google.protobuf import text_format
+
+from service.backends.repository import RepositoryEntry
 from tests.harness import MODEL_REPOSITORY, ensure_models
 
 _ONNX_TO_TRITON = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.INT64: "TYPE_INT64",
@@ -33,7 +35,8 @@ def test_the_repository_has_the_litemedsam_entries():
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.parent.name)
 def test_config_matches_the_onnx_file_beside_it(repository, config_path):
-    cfg = read_config(config_path)
+    cfg = text_format.Parse(config_path.read_text(), mc.ModelConfig())
+    RepositoryEntry.read(config_path.parent)  # the gateway's schema reads it too
     assert cfg.name == config_path.parent.name
     model_file = config_path.parent / "1" / (cfg.parameters["onnx_filename"].string_value
                                              if "onnx_filename" in cfg.parameters else cfg.default_model_filename)
@@ -63,20 +66,18 @@ def test_config_matches_the_onnx_file_beside_it(repository, config_path):
 
 
 def test_committed_litemedsam_configs_are_what_the_exporter_writes():
-    from export.registry import medsam_lite_entries
+    from export.medsam_lite import medsam_lite_entries
 
     for entry in medsam_lite_entries():
         committed = (MODEL_REPOSITORY / entry.name / "config.pbtxt").read_text()
-        assert committed == render_config(entry, "cpu"), f"{entry.name}: re-run `python -m export medsam_lite`"
+        assert committed == entry.render("cpu"), f"{entry.name}: re-run `python -m export medsam_lite`"
 
 
 def test_gpu_target_uses_the_onnxruntime_backend_with_tensorrt_fp16():
-    from export.registry import medsam_lite_entries
+    from export.medsam_lite import medsam_lite_entries
 
     encoder, _ = medsam_lite_entries()
-    from export.triton_config import build_config
-
-    cfg = build_config(encoder, "gpu")
+    cfg = encoder.to_config("gpu")
     assert cfg.backend == "onnxruntime" and cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"

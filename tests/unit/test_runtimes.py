@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.triton_config import RepositoryModel, Tensor, write_config
+from export.triton_config import write_config
+from service.backends.repository import RepositoryEntry, RuntimeParameters, TensorSpec
 from service.core import errors
 from service.backends.embedded import EmbeddedBackend
 from service.backends.runtimes import OpenVinoSession, OrtSession, open_session
@@ -90,10 +91,10 @@ def test_threads_hint_from_config_and_default_runtime(mlp):
     assert isinstance(session, OpenVinoSession) and session._config["INFERENCE_NUM_THREADS"] == 1
 
 
-def _entry(name: str, params: dict[str, str]) -> RepositoryModel:
-    return RepositoryModel(name=name, inputs=(Tensor("x", (64,)),),
-                           outputs=(Tensor("logits", (16,)), Tensor("probs", (16,))), max_batch_size=4,
-                           parameters=params)
+def _entry(name: str, params: dict[str, str]) -> RepositoryEntry:
+    return RepositoryEntry(name=name, inputs=(TensorSpec("x", (64,)),),
+                           outputs=(TensorSpec("logits", (16,)), TensorSpec("probs", (16,))), max_batch_size=4,
+                           runtime=RuntimeParameters.from_parameters(params))
 
 
 def test_embedded_backend_runs_each_entry_on_the_runtime_its_config_names(tmp_path):

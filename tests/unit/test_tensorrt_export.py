@@ -7,9 +7,10 @@ import importlib.util
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.registry import medsam_lite_entries
+from export.medsam_lite import medsam_lite_entries
 from export.tensorrt_engines import decoder_profile, encoder_profile, require_tensorrt, tensorrt_entries
-from export.triton_config import build_config, read_config, write_config
+from export.triton_config import write_config
+from service.backends.repository import RepositoryEntry
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -26,11 +27,11 @@ def _has_gpu() -> bool:
 def test_tensorrt_plan_entries_keep_the_served_tensors_and_batch_the_encoder(tmp_path):
     encoder, decoder = tensorrt_entries(*medsam_lite_entries())
     for entry in (encoder, decoder):
-        cfg = read_config(write_config(tmp_path, entry, "tensorrt"))
+        cfg = RepositoryEntry.read(write_config(tmp_path, entry, "tensorrt").parent).to_config("tensorrt")
         assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
         assert not (tmp_path / entry.name / "1" / "model.py").exists()
-    enc_cfg = build_config(encoder, "tensorrt")
+    enc_cfg = encoder.to_config("tensorrt")
     assert enc_cfg.max_batch_size == encoder_profile()["image"][2][0] and enc_cfg.dynamic_batching.ByteSize() > 0
 
 
