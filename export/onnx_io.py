@@ -1,4 +1,5 @@
-"""Write an export-only wrapper to ONNX and check the file with ONNX Runtime right away."""
+"""Write an export-only wrapper to ONNX and check the file with ONNX Runtime right away
+(opened as the gateway opens it: :func:`service.backends.runtimes.open_session`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
+
+from service.backends.runtimes import open_session
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,5 @@ def export_onnx(
 
 
 def run_onnx(path: Path, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(output_names, feeds)
+    """``output_names`` of the ONNX file at ``path`` on ``feeds``, in the gateway's ONNX Runtime session."""
+    return open_session(path, {}).run(output_names, feeds)

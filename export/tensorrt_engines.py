@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.triton_config import PLAN_FILENAME, RepositoryModel, write_config
+from export.options import ExportOptions
+from export.triton_config import write_config
+from service.backends.repository import ONNX_FILENAME, PLAN_FILENAME, RepositoryEntry
 
 log = logging.getLogger(__name__)
 MAX_DICE_DELTA = 0.005
@@ -120,17 +122,16 @@ class EngineRunner:
         return {k: v.float().cpu().numpy() for k, v in outputs.items()}
 
 
-def tensorrt_entries(encoder: RepositoryModel, decoder: RepositoryModel) -> tuple[RepositoryModel, RepositoryModel]:
+def tensorrt_entries(encoder: RepositoryEntry, decoder: RepositoryEntry) -> tuple[RepositoryEntry, RepositoryEntry]:
     """Repository entries of the engines: same names and tensors, bigger encoder batches."""
     return (replace(encoder, max_batch_size=ENCODER_BATCH[-1], preferred_batch_sizes=(ENCODER_BATCH[1],)),
             replace(decoder))
 
 
-def export_medsam_lite_tensorrt(opts, data_dir: Path | None = None) -> list[Path]:
+def export_medsam_lite_tensorrt(opts: ExportOptions, data_dir: Path | None = None) -> list[Path]:
     """Build FP16 engines from the ONNX export and write tensorrt_plan entries (GPU node only)."""
     from export.dev_cases import SHARED_DATA
-    from export.registry import ExportOptions, export_medsam_lite, medsam_lite_entries
-    from export.triton_config import ONNX_FILENAME
+    from export.medsam_lite import export_medsam_lite, medsam_lite_entries
 
     require_tensorrt()
     onnx_opts = ExportOptions(repository=opts.cache_dir / "onnx", target="cpu", cache_dir=opts.cache_dir)
@@ -148,10 +149,13 @@ def export_medsam_lite_tensorrt(opts, data_dir: Path | None = None) -> list[Path
 
 def check_tensorrt_dice(onnx_repo: Path, plan_repo: Path, data_dir: Path) -> float:
     """Mean Dice of the engines vs ONNX Runtime on the dev cases; raises beyond MAX_DICE_DELTA."""
-    from export.dice_guard import check_drop, dev_dice, session_runner
+    from export.dice_guard import check_drop, dev_dice
+    from service.inference.predictor import SamPredictor, sessions_run
 
-    base = dev_dice(session_runner(onnx_repo / "medsam_lite_encoder/1/model.onnx", batch_axis=True),
-                    session_runner(onnx_repo / "medsam_lite_decoder/1/model.onnx"), data_dir)
-    engines = dev_dice(EngineRunner(plan_repo / "medsam_lite_encoder/1" / PLAN_FILENAME),
-                       EngineRunner(plan_repo / "medsam_lite_decoder/1" / PLAN_FILENAME), data_dir)
+    onnx = SamPredictor.from_repository(onnx_repo, "medsam_lite")
+    model = onnx.model
+    plans = sessions_run({e.name: EngineRunner(plan_repo / e.name / "1" / PLAN_FILENAME)
+                          for e in (model.encoder, model.decoder)})
+    base = dev_dice(onnx, data_dir)
+    engines = dev_dice(SamPredictor(model, plans), data_dir)
     return abs(check_drop(base, engines, "TensorRT FP16 vs ONNX Runtime", MAX_DICE_DELTA, two_sided=True))

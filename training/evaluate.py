@@ -1,8 +1,8 @@
 """Evaluation at the input images' own resolution: Dice and 95% Hausdorff distance (MONAI).
 
 Predictions go through exactly the serving path: :func:`training.samples.model_image`
-(gateway normalisation + :func:`export.segmenter_io.preprocess`), the network, then
-:func:`export.segmenter_io.postprocess`. HD95 is in millimetres (``pixel_spacing_mm``);
+(gateway normalisation + :func:`service.core.segmenter_io.preprocess`), the network, then
+:func:`service.core.segmenter_io.postprocess`. HD95 is in millimetres (``pixel_spacing_mm``);
 it is undefined (NaN, counted in ``empty``) when the prediction or the reference is empty.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from export.segmenter_io import postprocess
+from service.core.segmenter_io import postprocess
 from training.data import Case
 from training.samples import model_image
 
@@ -64,14 +65,13 @@ def torch_predictor(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray
 
 
 def onnx_predictor(path: str, threads: int = 2) -> Callable[[np.ndarray], np.ndarray]:
-    """Same as :func:`torch_predictor` through ONNX Runtime on an exported file."""
-    import onnxruntime as ort
+    """Same as :func:`torch_predictor` on an exported file, through the gateway's session factory
+    (:func:`service.backends.runtimes.open_session`: ONNX Runtime, as the embedded backend runs it)."""
+    from service.backends.runtimes import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    session = open_session(Path(path), {}, threads, batch_axis=True)
+    name, output = session.input_names[0], session.output_names[0]
+    return lambda x: session.run([output], {name: x})[0]
 
 
 def predict(predictor: Callable[[np.ndarray], np.ndarray], image: np.ndarray, size: int) -> np.ndarray:

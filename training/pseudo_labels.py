@@ -1,10 +1,11 @@
 """Pseudo-labels from LiteMedSAM prompted with each box ("SAM inside the bounding box").
 
-The served ONNX models of ``model_repository/`` (``medsam_lite_encoder``,
-``medsam_lite_decoder``) run in ONNX Runtime with the gateway's own decoding
-(:func:`service.core.imageio.normalise`) and geometry (:mod:`service.core.geometry`), so a
-pseudo-label is exactly what the gateway would answer to a box prompt. Tensor names come
-from each model's ``config.pbtxt``.
+The served models of ``model_repository/`` (``medsam_lite_encoder``, ``medsam_lite_decoder``)
+run through the gateway's own predictor (:class:`service.inference.predictor.SamPredictor`:
+its runtimes, preprocessing, prompt checks, decoder feeds and upsampling) after the gateway's
+intensity rule (:func:`service.core.imageio.normalise`), so a pseudo-label is exactly what the
+gateway would answer to a request with these box prompts. Tensor names and sizes come from
+each model's ``config.pbtxt``.
 
 Per case, every box gives a logit map at input size; the foreground probability is the
 maximum over boxes of ``sigmoid(logit)`` *inside* that box (outside all boxes it is 0:
@@ -20,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.core import geometry as st
-from service.core.domain import Box
+from service.core.domain import Box, Prompt
 from service.core.imageio import normalise
-from service.backends.repository import read_entry
+from service.inference.predictor import SamPredictor
 
 
 @dataclass(frozen=True)
@@ -47,45 +47,24 @@ class PseudoLabel:
 
 
 class LiteMedSAM:
-    """ONNX Runtime sessions on the served LiteMedSAM encoder and decoder."""
+    """The served LiteMedSAM encoder and decoder, through the gateway's predictor."""
 
     def __init__(self, repository: Path = Path("model_repository"), model: str = "medsam_lite",
                  threads: int = 2) -> None:
-        import onnxruntime as ort
-
-        self.encoder = read_entry(Path(repository) / f"{model}_encoder")
-        self.decoder = read_entry(Path(repository) / f"{model}_decoder")
-        self.size = int(self.encoder.parameters.get("medseg.input_size", "256"))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        for entry in (self.encoder, self.decoder):
-            if not entry.onnx_path().is_file():
-                raise FileNotFoundError(f"{entry.onnx_path()} is missing: run `python -m export medsam_lite`")
-        self._enc = ort.InferenceSession(str(self.encoder.onnx_path()), options, providers=["CPUExecutionProvider"])
-        self._dec = ort.InferenceSession(str(self.decoder.onnx_path()), options, providers=["CPUExecutionProvider"])
+        self.predictor = SamPredictor.from_repository(Path(repository), model, threads=threads)
+        self.size = self.predictor.input_size
 
     def segment_boxes(self, image: np.ndarray, boxes: np.ndarray) -> list[BoxMask]:
-        """One :class:`BoxMask` per XYXY API box (``boxes`` float ``(K, 4)``) on a native image."""
-        pixels = normalise(np.asarray(image), None)
-        tensor, frame = st.model_input(pixels, self.size)
-        (embeddings,) = self._enc.run(self.encoder.output_names[:1], {self.encoder.input_names[0]: tensor})
-        low = self.decoder.inputs[3].dims[-1]
-        out = []
-        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-            model_box = st.box_to_model(Box(float(x0), float(y0), float(x1), float(y1)), frame)
-            names = self.decoder.input_names
-            feeds = {
-                names[0]: embeddings[:1],
-                names[1]: model_box.reshape(1, 2, 2).astype(np.float32),
-                names[2]: np.array([[2.0, 3.0]], dtype=np.float32),
-                names[3]: np.zeros((1, 1, low, low), dtype=np.float32),
-                names[4]: np.zeros((1, 1), dtype=np.float32),
-            }
-            masks, iou = self._dec.run(self.decoder.output_names, feeds)
-            logits = st.upsample_logits(masks[:, 0], frame)[0]
-            out.append(BoxMask(logits, float(iou.reshape(-1)[0])))
-        return out
+        """One :class:`BoxMask` per XYXY API box (``boxes`` float ``(K, 4)``) on a native image;
+        boxes are checked (and clipped to the image) as the gateway checks them."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if not len(boxes):
+            return []
+        embedding = self.predictor.embed(normalise(np.asarray(image), None))
+        prompts = [Prompt(box=Box(float(x0), float(y0), float(x1), float(y1))) for x0, y0, x1, y1 in boxes]
+        low, ious = self.predictor.predict(embedding, prompts)
+        logits = self.predictor.upsample(low, embedding.frame)
+        return [BoxMask(logits[k], float(ious[k])) for k in range(len(prompts))]
 
 
 def box_region(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

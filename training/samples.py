@@ -1,9 +1,9 @@
 """Cases + weak labels -> tensors in the model frame, and seeded batches.
 
-Every image goes through :func:`export.segmenter_io.preprocess` after the gateway's
+Every image goes through :func:`service.core.segmenter_io.preprocess` after the gateway's
 intensity normalisation (:func:`service.core.imageio.normalise`, percentile rule): the exact
 input the served model will get. Labels are moved into the same ``size x size`` frame
-(:func:`export.segmenter_io.resize_labels`); the zero padding is "unlabelled" (-1) in the
+(:func:`service.core.segmenter_io.resize_labels`); the zero padding is "unlabelled" (-1) in the
 scribble, point and pseudo-label maps and background in the reference mask.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from export.segmenter_io import Frame, preprocess, resize_labels
+from service.core.segmenter_io import Frame, preprocess, resize_labels
 from service.core.imageio import normalise
 from training.data import Case
 from training.pseudo_labels import PseudoLabel

@@ -1,8 +1,11 @@
-"""Image embeddings kept between requests: bounded in bytes, least-recently-used, with a TTL.
+"""What a model computed for one image, kept between requests: bounded in bytes,
+least-recently-used, with a TTL.
 
-Keys are ``(model name, model version, content hash)``; the content hash covers the decoded,
-normalised pixels and their shape, so the same pixels under another window are another entry
-and a new model version never reuses an old embedding. The gateway runs on one event loop,
+For a SAM-family model the cached output is the image embedding (follow-up prompts skip the
+encoder); for a prompt-free segmenter it is the logits (another mask encoding costs no model
+call). Keys are ``(model name, model version, content hash)``; the content hash covers the
+decoded, normalised pixels and their shape, so the same pixels under another window are another
+entry and a new model version never reuses an old output. The gateway runs on one event loop,
 so the cache needs no lock.
 """
 
@@ -19,23 +22,23 @@ from service.core.geometry import Frame
 
 
 @dataclass(frozen=True)
-class CachedEmbedding:
-    embedding: np.ndarray  # float32 (1, C, h, w)
+class CachedOutput:
+    output: np.ndarray  # float32: an image embedding (1, C, h, w) or a segmenter's logits (1, K, s, s)
     frame: Frame
     expires_at: float
 
     @property
     def nbytes(self) -> int:
-        return int(self.embedding.nbytes)
+        return int(self.output.nbytes)
 
 
-class EmbeddingCache:
+class ImageCache:
     def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[["EmbeddingCache"], None] | None = None) -> None:
+                 on_change: Callable[["ImageCache"], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._clock = clock
-        self._items: OrderedDict[tuple[str, str, str], CachedEmbedding] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, str], CachedOutput] = OrderedDict()
         self._bytes = 0
         self._on_change = on_change
         self.evictions = 0
@@ -47,7 +50,7 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: tuple[str, str, str]) -> CachedEmbedding | None:
+    def get(self, key: tuple[str, str, str]) -> CachedOutput | None:
         item = self._items.get(key)
         if item is None:
             return None
@@ -58,8 +61,8 @@ class EmbeddingCache:
         self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple[str, str, str], embedding: np.ndarray, frame: Frame) -> CachedEmbedding:
-        item = CachedEmbedding(embedding, frame, self._clock() + self.ttl_s)
+    def put(self, key: tuple[str, str, str], output: np.ndarray, frame: Frame) -> CachedOutput:
+        item = CachedOutput(output, frame, self._clock() + self.ttl_s)
         if key in self._items:
             self._drop(key)
         if item.nbytes <= self.max_bytes:

@@ -14,7 +14,7 @@ import numpy as np
 from service.core import errors
 from service.backends.base import Backend
 from service.core.domain import DecodedImage, ImageLimits, MaskResult, SegmentRequest, SegmentResult
-from service.inference.cache import EmbeddingCache
+from service.inference.cache import ImageCache
 from service.inference.observer import Observer
 from service.backends.repository import SegmenterModel
 from service.inference.pipeline import CachedPipeline
@@ -23,7 +23,7 @@ from service.core.segmenter_io import postprocess, preprocess
 
 
 class SegmenterPipeline(CachedPipeline):
-    def __init__(self, model: SegmenterModel, backend: Backend, cache: EmbeddingCache, metrics: Observer,
+    def __init__(self, model: SegmenterModel, backend: Backend, cache: ImageCache, metrics: Observer,
                  limits: ImageLimits, max_prompts: int, timeout_s: float) -> None:
         super().__init__(model.info, backend, cache, metrics, limits, max_prompts, timeout_s)
         self.model = model
@@ -47,9 +47,9 @@ class SegmenterPipeline(CachedPipeline):
                 f"{self.model.structure} in the whole image (see ListModels)")
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
-        image_id, entry = await self.resolve(request)
+        image_id, entry, _ = await self.resolve(request)
         with self._metrics.stage("postprocess", self.info.name):
-            mask = await asyncio.to_thread(postprocess, entry.embedding, entry.frame)
+            mask = await asyncio.to_thread(postprocess, entry.output, entry.frame)
         # A segmenter has no IoU head: predicted_iou is 0 (documented in the proto).
         result = MaskResult(mask, 0.0, None)
         return SegmentResult(self.info, image_id, entry.frame.height, entry.frame.width, (result,))

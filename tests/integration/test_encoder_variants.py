@@ -13,7 +13,7 @@ import pytest
 
 from export.dev_cases import iou, load_cases, reference_box
 from export.encoder_variants import VARIANTS, export_encoder_variant
-from export.registry import ExportOptions
+from export.options import ExportOptions
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
 from medseg_client import SegmentationClient, image_from_array

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.segmenter_io import postprocess, preprocess, resize_labels
+from service.core.segmenter_io import postprocess, preprocess, resize_labels
 
 
 def test_preprocess_resizes_longest_side_and_pads_bottom_right():

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from export.dice_guard import check_drop
 from export.encoder_variants import VARIANTS, export_encoder_variant
-from export.registry import ExportOptions
+from export.options import ExportOptions
 from tests.harness import ensure_models
 
 
