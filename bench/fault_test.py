@@ -40,13 +40,12 @@ from grpc_health.v1 import health_pb2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
 from bench.load_test import DOC, open_loop, percentile, write_section  # noqa: E402
 from export.dev_cases import SHARED_DATA, iou, load_cases, reference_box  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 from medseg_client import SegmentationClient, image_from_array  # noqa: E402
-from service.core.mask_codec import decode_mask  # noqa: E402
-from service.core.domain import MaskEncoding  # noqa: E402
-from tests.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
+from medseg_client.masks import MaskEncoding, decode_mask  # noqa: E402
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 WRONG_IOU = 0.99

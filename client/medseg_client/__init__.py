@@ -34,39 +34,32 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from medseg_client._generated import segmentation_pb2 as pb
-from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
+try:
+    from medseg_client._generated import segmentation_pb2 as pb
+    from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
+except ModuleNotFoundError as exc:  # a checkout built without `make protos`
+    raise ImportError("medseg_client's generated gRPC stubs (medseg_client/_generated/) are missing: run "
+                      "`make protos` (scripts/gen_protos.sh) in the repository, then install the client") from exc
 from medseg_client.images import image_from_array, image_from_file
+from medseg_client.masks import MaskEncoding, decode_mask
 from medseg_client.prompts import BoxTuple, PointTuple, build_prompts
 from medseg_client.security import is_loopback_target, tls_credentials
-from service.core.domain import MaskEncoding
-from service.core.mask_codec import decode_mask
+from medseg_client.wire import MASK_ENCODING_TO_PB, MASK_ENCODINGS
 
 __all__ = [
     "BoxTuple",
     "EmbedResult",
+    "MaskEncoding",
     "PointTuple",
     "SegmentResult",
     "SegmentationClient",
     "build_prompts",
     "decode_low_res_logits",
+    "decode_mask",
     "image_from_array",
     "image_from_file",
     "tls_credentials",
 ]
-
-_ENCODINGS: dict[int, MaskEncoding] = {
-    pb.MASK_ENCODING_UNSPECIFIED: MaskEncoding.BITS,
-    pb.MASK_ENCODING_BITS: MaskEncoding.BITS,
-    pb.MASK_ENCODING_PNG: MaskEncoding.PNG,
-    pb.MASK_ENCODING_COCO_RLE: MaskEncoding.COCO_RLE,
-}
-_WIRE_ENCODINGS: dict[MaskEncoding, int] = {
-    MaskEncoding.BITS: pb.MASK_ENCODING_BITS,
-    MaskEncoding.PNG: pb.MASK_ENCODING_PNG,
-    MaskEncoding.COCO_RLE: pb.MASK_ENCODING_COCO_RLE,
-}
-
 
 @dataclass(frozen=True)
 class SegmentResult:
@@ -266,8 +259,8 @@ def decode_low_res_logits(logits: pb.LowResLogits) -> np.ndarray:
 
 def _wire_encoding(encoding: int | MaskEncoding) -> int:
     if isinstance(encoding, MaskEncoding):
-        return _WIRE_ENCODINGS[encoding]
-    if int(encoding) not in _ENCODINGS:
+        return MASK_ENCODING_TO_PB[encoding.value]
+    if int(encoding) not in MASK_ENCODINGS:
         raise ValueError(f"unknown mask encoding {encoding!r}")
     return int(encoding)
 
@@ -275,7 +268,7 @@ def _wire_encoding(encoding: int | MaskEncoding) -> int:
 def _segment_result(response: pb.SegmentResponse, with_logits: bool) -> SegmentResult:
     masks: list[np.ndarray] = []
     for index, mask in enumerate(response.masks):
-        encoding = _ENCODINGS.get(mask.encoding)
+        encoding = MASK_ENCODINGS.get(mask.encoding)
         if encoding is None:
             raise ValueError(f"mask {index}: the server used an unknown encoding {mask.encoding}")
         masks.append(decode_mask(mask.data, mask.height, mask.width, encoding))

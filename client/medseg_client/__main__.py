@@ -1,8 +1,10 @@
-"""Command line client: ``python -m service.client {segment,models,embed} ...``.
+"""Command line client: ``python -m medseg_client {segment,models,embed} ...`` (also the
+``medseg-client`` console script; ``python -m service.client`` is an alias inside the repository).
 
 Call :func:`main` with an argument list to run it in process; it returns the exit code
-(0 ok, 1 gRPC error, 2 usage or local file error). gRPC errors are reported as one line,
-``error: <STATUS_CODE>: <details>``, on stderr, without a traceback.
+(0 ok, 1 gRPC error, 2 usage or local file error or a missing optional package). Errors are
+reported as one line on stderr without a traceback; gRPC errors as
+``error: <STATUS_CODE>: <details>``.
 
 Security options (every command): ``--ca-file`` (TLS, server verified against that CA),
 ``--cert-file``/``--key-file`` (mutual TLS), ``--tls`` (TLS with the system trust store),
@@ -44,9 +46,9 @@ Prints one line per mask (index, predicted IoU, area in pixels) and the image_id
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m service.client``."""
+    """The argument parser of ``python -m medseg_client``."""
     parser = argparse.ArgumentParser(
-        prog="python -m service.client",
+        prog="python -m medseg_client",
         description="Client of the medseg.v1.Segmentation gRPC gateway.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
         print(f"error: {name}: {' '.join(str(details).split())}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
@@ -123,6 +125,11 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
     image = image_from_file(args.image, window=window, slice_index=args.slice)
     boxes = [tuple(box) for box in args.box]
     points = [(x, y, int(label)) for x, y, label in args.point]
+    # Read the image for the overlay first: an unreadable file or a missing optional package
+    # fails before the server does any work.
+    display = None
+    if args.overlay is not None:
+        display = load_display_image(args.image, window=window, slice_index=args.slice)
     result = client.segment(image=image, boxes=boxes, points=points, model=args.model)
     for index, path in enumerate(mask_paths(args.out, len(result.masks))):
         mask = result.union() if index == 0 else result.masks[index - 1]
@@ -131,8 +138,7 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
         print(f"mask {index}: predicted_iou={iou:.4f} area={area} px")
     print(f"image_id: {result.image_id}")
     print(f"model: {result.model_name} {result.model_version}".rstrip())
-    if args.overlay is not None:
-        display = load_display_image(args.image, window=window, slice_index=args.slice)
+    if display is not None:
         draw_overlay(display, result.masks, boxes, points).save(args.overlay)
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client.wire import DTYPE_TO_PB
 
 __all__ = [
     "ENCODED_SUFFIXES",
@@ -25,17 +26,6 @@ __all__ = [
 
 ENCODED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 SUPPORTED_SUFFIXES = (*ENCODED_SUFFIXES, ".npy")
-
-_DTYPES: dict[np.dtype, int] = {
-    np.dtype(np.uint8): pb.DTYPE_UINT8,
-    np.dtype(np.int8): pb.DTYPE_INT8,
-    np.dtype(np.uint16): pb.DTYPE_UINT16,
-    np.dtype(np.int16): pb.DTYPE_INT16,
-    np.dtype(np.uint32): pb.DTYPE_UINT32,
-    np.dtype(np.int32): pb.DTYPE_INT32,
-    np.dtype(np.float32): pb.DTYPE_FLOAT32,
-    np.dtype(np.float64): pb.DTYPE_FLOAT64,
-}
 
 
 def image_suffix(path: str | Path) -> str:
@@ -94,7 +84,7 @@ def image_from_array(
     plane = _wire_dtype(plane)
     little = plane.astype(plane.dtype.newbyteorder("<"), order="C", copy=False)
     raw = pb.RawArray(
-        dtype=_DTYPES[np.dtype(plane.dtype.name)],
+        dtype=DTYPE_TO_PB[plane.dtype.name],
         shape=[int(n) for n in plane.shape],
         data=np.ascontiguousarray(little).tobytes(order="C"),
     )
@@ -137,10 +127,8 @@ def _wire_dtype(array: np.ndarray) -> np.ndarray:
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise ValueError(f"{kind.name} values do not fit in int32; convert the array first")
         return array.astype(np.int32)
-    if np.dtype(kind.name) not in _DTYPES:
-        raise ValueError(
-            f"unsupported dtype {kind}: use one of {', '.join(d.name for d in _DTYPES)}"
-        )
+    if kind.name not in DTYPE_TO_PB:
+        raise ValueError(f"unsupported dtype {kind}: use one of {', '.join(DTYPE_TO_PB)}")
     return array
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medseg_client._optional import require
 from medseg_client.images import image_suffix, select_plane
 
 __all__ = ["MASK_COLOURS", "draw_overlay", "load_display_image", "mask_outline", "to_uint8"]
@@ -61,7 +62,8 @@ def load_display_image(
     For 3-D inputs ``slice_index`` picks the slice (NIfTI: last axis; DICOM: frame;
     ``.npy``: as :func:`medseg_client.images.select_plane`), default the middle one.
     NIfTI planes are oriented as the gateway decodes them (see ``_nifti_plane``).
-    Raises :class:`ValueError` for unsupported files.
+    Raises :class:`ValueError` for unsupported files, :class:`ImportError` for DICOM/NIfTI
+    without ``pydicom``/``nibabel`` (``pip install 'medseg-client[files]'``).
     """
     suffix = image_suffix(path)
     if suffix == ".npy":
@@ -137,7 +139,7 @@ def _plane_to_rgb(plane: np.ndarray, window: Sequence[float] | None) -> Image.Im
 
 
 def _dicom_plane(path: Path, slice_index: int | None) -> np.ndarray:
-    import pydicom  # imported here: only needed for DICOM display
+    pydicom = require("pydicom", "files", "showing a DICOM image")
 
     dataset = pydicom.dcmread(path)
     pixels = dataset.pixel_array.astype(np.float64)
@@ -155,7 +157,7 @@ def _dicom_plane(path: Path, slice_index: int | None) -> np.ndarray:
 def _nifti_plane(path: Path, slice_index: int | None) -> np.ndarray:
     """The plane the gateway decodes (:mod:`service.core.imageio`): slice ``k`` of the last voxel
     axis, then ``flipud(vol[:, :, k].T)`` (columns = first voxel axis, highest j on top)."""
-    import nibabel  # imported here: only needed for NIfTI display
+    nibabel = require("nibabel", "files", "showing a NIfTI image")
 
     data = np.asarray(nibabel.load(str(path)).dataobj)  # scl_slope/scl_inter applied
     while data.ndim > 3 and data.shape[-1] == 1:

@@ -1,4 +1,4 @@
-"""``python -m service.client``: the same CLI as ``python -m service.client``."""
+"""``python -m service.client``: an alias of ``python -m medseg_client`` (the same CLI)."""
 
 import sys
 

@@ -4,6 +4,7 @@ fake in-process servicer (127.0.0.1, port 0) for request/response handling."""
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import medseg_client
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
-from medseg_client import SegmentationClient, build_prompts, image_from_array, image_from_file
+from medseg_client import SegmentationClient, build_prompts, image_from_array, image_from_file, wire
 from medseg_client.__main__ import build_parser, main, mask_paths
 from medseg_client.overlay import draw_overlay, load_display_image, mask_outline
 from service.core.domain import MaskEncoding
@@ -220,7 +222,7 @@ class FakeSegmentation(pb_grpc.SegmentationServicer):
         if request.model == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' is not served")
         height, width = _size(request.image) if request.HasField("image") else (16, 16)
-        encoding = {0: MaskEncoding.BITS, 1: MaskEncoding.BITS, 2: MaskEncoding.PNG, 3: MaskEncoding.COCO_RLE}
+        encoding = MaskEncoding(wire.MASK_ENCODINGS[request.encoding])  # as the gateway maps it
         masks = []
         for prompt in request.prompts:
             mask = np.zeros((height, width), bool)
@@ -228,7 +230,7 @@ class FakeSegmentation(pb_grpc.SegmentationServicer):
             mask[int(box.y0):int(box.y1), int(box.x0):int(box.x1)] = True
             logits = pb.LowResLogits(height=4, width=4, data=np.ones(16, "<f4").tobytes())
             masks.append(pb.Mask(height=height, width=width, encoding=request.encoding or 1,
-                                 data=encode_mask(mask, encoding[request.encoding]), predicted_iou=0.5,
+                                 data=encode_mask(mask, encoding), predicted_iou=0.5,
                                  area=int(mask.sum()),
                                  low_res_logits=logits if request.return_low_res_logits else None))
         return pb.SegmentResponse(masks=masks, model=pb.ModelRef(name="fake", version="1"),
@@ -274,6 +276,23 @@ def test_segment_decodes_masks_in_every_encoding(fake_server, encoding: int) -> 
     assert (result.height, result.width, result.image_id, result.model_name) == (12, 20, "img-1", "fake")
     assert result.masks[0].shape == (12, 20) and result.areas == [30]
     assert result.low_res_logits[0].shape == (4, 4) and result.low_res_logits[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("encoding", list(medseg_client.MaskEncoding), ids=lambda e: e.value)
+def test_segment_takes_the_sdk_mask_encoding_enum(fake_server, encoding) -> None:
+    address, servicer = fake_server
+    with SegmentationClient(address, timeout=10) as client:
+        result = client.segment(image=image_from_array(np.zeros((6, 9), np.uint8)), boxes=[(1, 1, 4, 5)],
+                                encoding=encoding)
+    assert servicer.requests[0].encoding == wire.MASK_ENCODING_TO_PB[encoding.value]
+    assert result.areas == [12]
+
+
+def test_segment_rejects_an_unknown_wire_encoding_before_sending(fake_server) -> None:
+    address, servicer = fake_server
+    with SegmentationClient(address, timeout=10) as client, pytest.raises(ValueError, match="mask encoding"):
+        client.segment(image_id="img-1", boxes=[(0, 0, 1, 1)], encoding=9)
+    assert servicer.requests == []
 
 
 def test_segment_by_image_id_sends_only_prompts(fake_server) -> None:
@@ -331,6 +350,27 @@ def test_cli_embed_prints_image_id_and_cached(fake_server, tmp_path, capsys) -> 
     assert main(["embed", "--server", fake_server[0], "--image", str(tmp_path / "in.png")]) == 0
     out = capsys.readouterr().out
     assert "image_id: img-1" in out and "cached: yes" in out and "6 x 8" in out
+
+
+def test_cli_overlay_without_pydicom_names_the_extra_before_calling(fake_server, tmp_path, capsys,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as in an install without [files]
+    code = main(["segment", "--server", fake_server[0], "--image", str(CT_SMALL), "--box", "0", "0", "9", "9",
+                 "--out", str(tmp_path / "m.png"), "--overlay", str(tmp_path / "ov.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install 'medseg-client[files]'" in err
+    assert fake_server[1].requests == [] and not (tmp_path / "m.png").exists()
+
+
+def test_cli_is_python_m_medseg_client_and_service_client_is_an_alias() -> None:
+    import service.client
+    import service.client.__main__ as alias_main
+
+    assert build_parser().prog == "python -m medseg_client"
+    assert alias_main.main is main
+    assert service.client.SegmentationClient is SegmentationClient
+    assert set(service.client.__all__) == set(medseg_client.__all__)
+    assert {"MaskEncoding", "decode_mask"} <= set(medseg_client.__all__)
 
 
 def test_cli_reports_local_file_errors_without_traceback(tmp_path, capsys) -> None:

@@ -1,8 +1,10 @@
-"""Round trips and malformed input for service.core.mask_codec."""
+"""Round trips between the server's encoder (service.core.mask_codec) and the client's decoder
+(medseg_client.masks), and malformed input for the decoder."""
 
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -12,10 +14,18 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from medseg_client import masks as client_masks
+from medseg_client import wire
 from service.core.domain import MaskEncoding
-from service.core.mask_codec import decode_mask, encode_mask, rle_counts
+from service.core.mask_codec import encode_mask
 
+rle_counts = client_masks.rle_counts
 ALL_ENCODINGS = list(MaskEncoding)
+
+
+def decode_mask(data: bytes, height: int, width: int, encoding: MaskEncoding) -> np.ndarray:
+    """The client's decoder, given the server's encoding (the two enums share their values)."""
+    return client_masks.decode_mask(data, height, width, client_masks.MaskEncoding(encoding.value))
 
 
 def _random_mask(height: int, width: int, seed: int, density: float = 0.3) -> np.ndarray:
@@ -145,3 +155,26 @@ def test_decode_rle_rejects_malformed_counts(data: bytes) -> None:
 def test_round_trip_property(mask: np.ndarray, encoding: MaskEncoding) -> None:
     decoded = decode_mask(encode_mask(mask, encoding), *mask.shape, encoding)
     np.testing.assert_array_equal(decoded, mask)
+
+
+def test_server_and_client_encodings_are_the_wire_names() -> None:
+    names = set(wire.MASK_ENCODING_TO_PB)
+    assert {e.value for e in MaskEncoding} == names
+    assert {e.value for e in client_masks.MaskEncoding} == names
+    assert set(wire.MASK_ENCODINGS.values()) == names
+
+
+def test_client_decoder_takes_the_encoding_name_too() -> None:
+    mask = _random_mask(5, 7, seed=6)
+    decoded = client_masks.decode_mask(encode_mask(mask, MaskEncoding.PNG), 5, 7, "png")
+    np.testing.assert_array_equal(decoded, mask)
+    with pytest.raises(ValueError, match="unsupported mask encoding"):
+        client_masks.decode_mask(b"", 5, 7, "jpeg")
+
+
+def test_rle_decoding_without_pycocotools_names_the_extra(monkeypatch) -> None:
+    data = encode_mask(_random_mask(6, 6, seed=7), MaskEncoding.COCO_RLE)
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    with pytest.raises(ImportError, match=r"medseg-client\[rle\]"):
+        client_masks.decode_mask(data, 6, 6, client_masks.MaskEncoding.COCO_RLE)
