@@ -31,10 +31,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import GatewayProcess, ensure_models  # noqa: E402
 from export.dev_cases import SHARED_DATA, dice, load_cases, reference_box  # noqa: E402
 from export.reference import TorchReference  # noqa: E402
 from medseg_client import SegmentationClient, image_from_array  # noqa: E402
-from tests.harness import GatewayProcess, ensure_models  # noqa: E402
 
 
 def shipped_predict(ref: TorchReference, image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -37,9 +37,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import GatewayProcess, ensure_models, metric_value  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc  # noqa: E402
-from tests.harness import GatewayProcess, ensure_models, metric_value  # noqa: E402
 
 DOC = REPO / "docs" / "RELIABILITY.md"
 IMAGE_SIDE = 256

@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import measure  # noqa: E402
+from bench.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
 from export.dev_cases import SHARED_DATA  # noqa: E402
 from medseg_client import SegmentationClient, image_from_array  # noqa: E402
-from tests.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
 
 BOX = (150.0, 120.0, 380.0, 400.0)
 WINDOW = (40.0, 400.0)
@@ -120,17 +120,13 @@ def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concur
 
 def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
     """Per-case Dice on ../shared/data/dev of each encoder entry (on its own runtime) with the fp32 decoder."""
-    from export.dice_guard import dev_dice, session_runner
+    from export.dice_guard import dev_dice
     from service.backends.repository import read_entry
+    from service.inference.predictor import SamPredictor
 
     repo = REPO / "model_repository"
-    decoder = session_runner(repo / "medsam_lite_decoder" / "1" / "model.onnx")
-    out = {}
-    for name in encoders:
-        entry = read_entry(repo / name)
-        out[name] = dev_dice(session_runner(entry.onnx_path(), entry.parameters, batch_axis=True), decoder,
-                             SHARED_DATA / "dev")
-    return out
+    fp32 = SamPredictor.from_repository(repo, "medsam_lite")
+    return {name: dev_dice(fp32.with_encoder(read_entry(repo / name)), SHARED_DATA / "dev") for name in encoders}
 
 
 def write_report(results: dict, out: Path) -> None:

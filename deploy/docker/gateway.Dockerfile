@@ -6,7 +6,7 @@
 # Models are not baked in: mount a model repository at /models (Kubernetes: the
 # medseg-models init container; docker: -v "$PWD/model_repository:/models:ro").
 
-# ---- build: virtual environment with the gateway's runtime dependencies + generated protos
+# ---- build: virtual environment with the gateway's runtime dependencies
 # Both stages use the same base: the venv built here runs on the runtime stage's Python.
 FROM python:3.11.7-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -21,12 +21,14 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
  && python -m venv /opt/protoc \
  && /opt/protoc/bin/pip install -c requirements/constraints.txt grpcio-tools
+# The server imports the client package's generated stubs: generate them here.
 COPY protos protos
 COPY scripts/gen_protos.sh scripts/gen_protos.sh
-RUN PY=/opt/protoc/bin/python scripts/gen_protos.sh
+COPY client/medseg_client client/medseg_client
+RUN PY=/opt/protoc/bin/python scripts/gen_protos.sh && mv client/medseg_client medseg_client
 COPY service service
 COPY deploy/docker/grpc_health_check.py service_healthcheck.py
-RUN /opt/venv/bin/python -m compileall -q /opt/venv service medseg service_healthcheck.py
+RUN /opt/venv/bin/python -m compileall -q /opt/venv service medseg_client service_healthcheck.py
 
 # ---- runtime
 FROM python:3.11.7-slim-bookworm AS runtime
@@ -43,7 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MEDSEG_MODEL_REPOSITORY=/models
 WORKDIR /opt/medseg
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /src/medseg medseg
+COPY --from=build /src/medseg_client medseg_client
 COPY --from=build /src/service service
 COPY --from=build /src/service_healthcheck.py healthcheck.py
 USER 10001:10001

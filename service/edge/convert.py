@@ -1,22 +1,26 @@
-"""The API edge: protobuf messages <-> domain dataclasses. Proto types stop here."""
+"""The API edge: protobuf messages <-> domain dataclasses. Proto types stop here: the servicer
+reads and builds messages only through these functions (requests, responses, the audit
+fields, the request parsers)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import numpy as np
 
+from medseg_client import wire
 from medseg_client._generated import segmentation_pb2 as pb
 from service.core import errors
 from service.core.domain import (Box, EmbedResult, ImageInput, MaskEncoding, ModelInfo, Point, Prompt, PromptKind,
                             RawPixels, SegmentRequest, SegmentResult, Window)
 from service.core.mask_codec import encode_mask
 
-_DTYPES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_INT8: "int8", pb.DTYPE_UINT16: "uint16", pb.DTYPE_INT16: "int16",
-           pb.DTYPE_UINT32: "uint32", pb.DTYPE_INT32: "int32", pb.DTYPE_FLOAT32: "float32",
-           pb.DTYPE_FLOAT64: "float64"}
-_ENCODINGS = {pb.MASK_ENCODING_UNSPECIFIED: MaskEncoding.BITS, pb.MASK_ENCODING_BITS: MaskEncoding.BITS,
-              pb.MASK_ENCODING_PNG: MaskEncoding.PNG, pb.MASK_ENCODING_COCO_RLE: MaskEncoding.COCO_RLE}
-_ENCODING_TO_PB = {MaskEncoding.BITS: pb.MASK_ENCODING_BITS, MaskEncoding.PNG: pb.MASK_ENCODING_PNG,
-                   MaskEncoding.COCO_RLE: pb.MASK_ENCODING_COCO_RLE}
+# The wire enums are mapped to names once, in the client package (medseg_client.wire); here
+# the names become the domain's types (numpy dtype names, MaskEncoding by value).
+_DTYPES = wire.DTYPES
+_ENCODINGS = {code: MaskEncoding(name) for code, name in wire.MASK_ENCODINGS.items()}
+_ENCODING_TO_PB = {MaskEncoding(name): code for name, code in wire.MASK_ENCODING_TO_PB.items()}
 _KIND_TO_PB = {PromptKind.BOX: pb.PROMPT_KIND_BOX, PromptKind.POINT: pb.PROMPT_KIND_POINT,
                PromptKind.MASK: pb.PROMPT_KIND_MASK}
 MAX_SHAPE_RANK = 3
@@ -56,14 +60,16 @@ def prompt_from_proto(msg: pb.Prompt, index: int) -> Prompt:
     return Prompt(box=box, points=points, mask_input=mask)
 
 
-def segment_request_from_proto(msg: pb.SegmentRequest, default_model: str) -> SegmentRequest:
+def segment_request_from_proto(msg: pb.SegmentRequest, model: str) -> SegmentRequest:
+    """``model``: the served model's name, resolved from ``msg.model`` by
+    :meth:`service.inference.gateway.Gateway.model_name` (the one place the default applies)."""
     if msg.encoding not in _ENCODINGS:
         raise errors.InvalidArgument(f"unknown mask encoding {msg.encoding}")
     which = msg.WhichOneof("input")
     if which is None:
         raise errors.InvalidArgument("send an image or an image_id")
     return SegmentRequest(
-        model=msg.model or default_model,
+        model=model,
         prompts=tuple(prompt_from_proto(p, i) for i, p in enumerate(msg.prompts)),
         image=image_from_proto(msg.image) if which == "image" else None,
         image_id=msg.image_id if which == "image_id" else None,
@@ -101,3 +107,83 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         prompt_kinds=sorted(_KIND_TO_PB[k] for k in info.prompt_kinds),
         required_prompt_kinds=sorted(_KIND_TO_PB[k] for k in info.required_prompt_kinds),
         description=info.description, is_default=info.is_default)
+
+
+def embed_image_from_proto(msg: pb.EmbedImageRequest) -> ImageInput:
+    if not msg.HasField("image"):
+        raise errors.InvalidImage("EmbedImage needs an image")
+    return image_from_proto(msg.image)
+
+
+def list_models_response(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(models=[model_info_to_proto(m) for m in models])
+
+
+# ----------------------------------------------------------------- what the servicer reads of a call
+SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"]
+SERVICE_NAME = SERVICE.full_name
+
+
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message of its type.
+
+    gRPC would answer a deserializer exception with UNKNOWN; the servicer turns this into
+    INVALID_ARGUMENT instead (a client error, not ours).
+    """
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant_parser(message_class) -> Callable[[bytes], object]:
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception:  # noqa: BLE001 - protobuf DecodeError and friends: a client error
+            return Undecodable(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def segmentation_codecs() -> dict[str, tuple[Callable[[bytes], object], Callable[[object], bytes]]]:
+    """Segmentation method name -> (request parser that never raises, see :class:`Undecodable`;
+    response serializer)."""
+    codecs = {}
+    for method in SERVICE.methods:
+        request_class, response_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        codecs[method.name] = (_tolerant_parser(request_class), response_class.SerializeToString)
+    return codecs
+
+
+@dataclass(frozen=True)
+class RequestSummary:
+    """What the servicer's guard reads of a request before it runs: the model name it sends
+    (``None``: the method names no model; ``""``: the default), and its prompt count and raw
+    image size where it carries them. A name and numbers, never other request text (the audit
+    line copies these)."""
+
+    model: str | None = None
+    prompts: int | None = None
+    image_size: tuple[int, int] | None = None
+
+
+def _raw_size(msg: pb.Image) -> tuple[int, int] | None:
+    if msg.WhichOneof("source") == "raw" and len(msg.raw.shape) >= 2:
+        return int(msg.raw.shape[0]), int(msg.raw.shape[1])
+    return None
+
+
+def request_summary(msg: object) -> RequestSummary:
+    if isinstance(msg, pb.SegmentRequest):
+        image = _raw_size(msg.image) if msg.WhichOneof("input") == "image" else None
+        return RequestSummary(msg.model, len(msg.prompts), image)
+    if isinstance(msg, pb.EmbedImageRequest):
+        return RequestSummary(msg.model, None, _raw_size(msg.image) if msg.HasField("image") else None)
+    return RequestSummary()
+
+
+def response_size(msg: object) -> tuple[int, int] | None:
+    """(height, width) of the image a response describes, when it describes one."""
+    if isinstance(msg, (pb.SegmentResponse, pb.EmbedImageResponse)) and msg.height:
+        return int(msg.height), int(msg.width)
+    return None

@@ -6,15 +6,13 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from medseg_client._generated import segmentation_pb2 as pb
 from service.observability import audit
 from service.core import errors
 from service.security.auth import Authenticator
 from service.core.errors import StartupError
 from service.settings import Settings
+from service.edge.convert import SERVICE_NAME
 from service.edge.status import client_message, status_for
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
 
 
 class Health:
@@ -36,7 +34,7 @@ REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.refl
 class ProbeGate(grpc.aio.ServerInterceptor):
     """Bearer-token check for grpc.health.v1 and reflection when they are not exempt
     (``--no-auth-exempt-health`` / ``--no-auth-exempt-reflection``). Segmentation methods pass
-    through untouched: the :func:`rpc` decorator authenticates them."""
+    through untouched: the :func:`service.edge.servicer.rpc` decorator authenticates them."""
 
     def __init__(self, authenticator: Authenticator, exempt_health: bool, exempt_reflection: bool) -> None:
         self.authenticator = authenticator

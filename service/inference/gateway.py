@@ -10,7 +10,7 @@ from service.core import errors
 from service.core.errors import StartupError
 from service.backends.base import Backend
 from service.core.domain import EmbedResult, ImageInput, ModelInfo, SegmentRequest, SegmentResult
-from service.inference.cache import EmbeddingCache
+from service.inference.cache import ImageCache
 from service.inference.observer import Observer
 from service.backends.repository import SamModel, SegmenterModel, discover
 from service.inference.pipeline import SamPipeline
@@ -34,7 +34,7 @@ class Gateway:
         if settings.default_model not in models:
             raise StartupError(f"default model {settings.default_model!r} is not in the repository "
                                f"(found: {', '.join(sorted(models))})")
-        self.cache = EmbeddingCache(settings.cache_bytes, settings.cache_ttl_s, on_change=metrics.cache_changed)
+        self.cache = ImageCache(settings.cache_bytes, settings.cache_ttl_s, on_change=metrics.cache_changed)
         self.pipelines = {
             name: _PIPELINES[type(model)](model, backend, self.cache, metrics, settings.image_limits,
                                           settings.max_prompts, settings.backend_timeout_s)
@@ -83,6 +83,16 @@ class Gateway:
             except Exception:  # a readiness probe must not kill the watcher
                 ready = False
             await self._set_ready(ready)
+
+    def model_name(self, requested: str) -> str:
+        """The model a call means: the name it sends, or --default-model when it sends none.
+
+        The one place the default applies: the servicer resolves each call's model here once,
+        and authorisation, the audit line and the request all use the result."""
+        return requested or self.settings.default_model
+
+    def serves(self, model: str) -> bool:
+        return model in self.pipelines
 
     def pipeline(self, model: str) -> SamPipeline:
         pipeline = self.pipelines.get(model)

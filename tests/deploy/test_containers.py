@@ -159,7 +159,7 @@ def test_gateway_image_installs_every_package_the_service_imports():
               if line.strip() and not line.startswith("#")]
     installed = _closure(listed)
     providers = metadata.packages_distributions()
-    local = {"service", "medseg"}
+    local = {"service", "medseg_client"}
     missing = {}
     for module in _imports(REPO / "service") - local - set(sys.stdlib_module_names):
         dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}

@@ -21,7 +21,8 @@ from service.observability import audit
 from service.edge import deadline
 from service.core import errors
 from service.security.auth import Authenticator
-from service.core.domain import MaskResult, ModelInfo, PromptKind, SegmentResult
+from service.core.domain import EmbedResult, MaskResult, ModelInfo, PromptKind, SegmentResult
+from service.inference.gateway import Gateway
 from service.observability.metrics import Metrics
 from service.edge.server import create_server
 from service.settings import Settings
@@ -44,8 +45,10 @@ class FakeGateway:
         self.metrics = Metrics("fake")
         self.pipelines = dict(MODELS)
         self.backend_timeouts: list[float | None] = []
+        self.models_seen: list[str] = []  # the model of each call that reached the gateway
 
     async def segment(self, request) -> SegmentResult:
+        self.models_seen.append(request.model)
         if request.model not in MODELS:
             raise errors.ModelNotFound(f"model {request.model!r} is not served here")
         self.backend_timeouts.append(deadline.backend_timeout(30.0))
@@ -54,8 +57,15 @@ class FakeGateway:
             raise self.fail
         return SegmentResult(MODELS[request.model], "id", 8, 10, (MaskResult(np.zeros((8, 10), bool), 0.5),))
 
+    async def embed(self, model: str, image) -> EmbedResult:
+        self.models_seen.append(model)
+        return EmbedResult(MODELS[model], "id", 8, 10, False)
+
     def list_models(self) -> list[ModelInfo]:
         return list(MODELS.values())
+
+    model_name = Gateway.model_name  # the real resolution of the default model (it reads only settings)
+    serves = Gateway.serves
 
 
 @pytest.fixture
@@ -138,6 +148,27 @@ def test_credentials_and_allow_list_give_their_status_codes(tokens_file, audit_l
         ("pacs-router", "token", "medsam_lite", 1, 8, 10)
     assert ok["latency_ms"] >= 0 and ok["request_id"] and ok["backend"] == "fake" and ok["time"].endswith("Z")
     assert all(TOKEN not in json.dumps(line) for line in audit_lines)
+
+
+def test_a_call_naming_no_model_means_the_default_for_authorisation_audit_and_request(tokens_file, audit_lines):
+    """The token allows only medsam_lite: with --default-model other, the same model-less calls
+    are refused, audited as "other" and never reach the gateway; with the usual default they
+    reach it as medsam_lite."""
+    results = {}
+    for default in ("medsam_lite", "other"):
+        settings = Settings(port=0, auth_tokens_file=str(tokens_file), default_model=default)
+        gateway = FakeGateway(settings)
+
+        async def body(channel):
+            stub = pb_grpc.SegmentationStub(channel)
+            return (await _code(stub.Segment(REQUEST, timeout=5, metadata=AUTH)),
+                    await _code(stub.EmbedImage(pb.EmbedImageRequest(image=IMAGE), timeout=5, metadata=AUTH)))
+
+        codes = _run(settings, gateway, body)
+        results[default] = (codes, gateway.models_seen, [line["model"] for line in audit_lines[-2:]])
+    ok, denied = grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED
+    assert results["medsam_lite"] == ((ok, ok), ["medsam_lite"] * 2, ["medsam_lite"] * 2)
+    assert results["other"] == ((denied, denied), [], ["other"] * 2)
 
 
 @pytest.mark.parametrize("exempt", [True, False])
