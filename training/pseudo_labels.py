@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,8 +27,7 @@ from service.core.imageio import normalise
 from service.inference.predictor import SamPredictor
 
 
-@dataclass(frozen=True)
-class BoxMask:
+class BoxMask(NamedTuple):
     """LiteMedSAM's answer to one box: float32 ``(H, W)`` logits and its predicted IoU."""
 
     logits: np.ndarray

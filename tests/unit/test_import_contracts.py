@@ -36,6 +36,12 @@ def test_every_import_contract_is_kept():
     assert " broken" in result.stdout and "0 broken" in result.stdout
 
 
+def forbidden(name: str, source: str, target: str) -> str:
+    """One import-linter ``forbidden`` contract as TOML text."""
+    return (f'[[tool.importlinter.contracts]]\nname = "{name}"\ntype = "forbidden"\n'
+            f'source_modules = ["{source}"]\nforbidden_modules = ["{target}"]\n')
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = root / name
@@ -60,7 +66,7 @@ def test_lint_imports_reports_each_kind_of_violation(tmp_path):
             """,
         "bitepkg/core/a.py": "from bitepkg.core import b\n",
         "bitepkg/core/b.py": "from bitepkg.core import a\n",
-        "contracts.toml": """\
+        "contracts.toml": textwrap.dedent("""\
             [tool.importlinter]
             root_packages = ["bitepkg"]
             include_external_packages = true
@@ -72,16 +78,10 @@ def test_lint_imports_reports_each_kind_of_violation(tmp_path):
             layers = ["edge", "core"]
 
             [[tool.importlinter.contracts]]
-            name = "pure core"
-            type = "forbidden"
-            source_modules = ["bitepkg.core"]
-            forbidden_modules = ["grpc"]
-
-            [[tool.importlinter.contracts]]
             name = "acyclic"
             type = "acyclic_siblings"
             ancestors = ["bitepkg"]
-            """,
+            """) + "\n" + forbidden("pure core", "bitepkg.core", "grpc"),
     })
     result = lint_imports("contracts.toml", cwd=tmp_path)
     report = result.stdout + result.stderr
@@ -95,16 +95,8 @@ def test_lint_imports_sees_function_level_imports_in_this_repository(tmp_path):
     """The repository's own graph: bench.harness imports export.tritonserver only inside
     TritonProcess.start; a contract forbidding it must be reported broken."""
     config = tmp_path / "contracts.toml"
-    config.write_text(textwrap.dedent("""\
-        [tool.importlinter]
-        root_packages = ["bench", "export"]
-
-        [[tool.importlinter.contracts]]
-        name = "known violation"
-        type = "forbidden"
-        source_modules = ["bench.harness"]
-        forbidden_modules = ["export.tritonserver"]
-        """))
+    config.write_text('[tool.importlinter]\nroot_packages = ["bench", "export"]\n\n'
+                      + forbidden("known violation", "bench.harness", "export.tritonserver"))
     result = lint_imports(str(config))
     report = result.stdout + result.stderr
     assert result.returncode != 0, report
