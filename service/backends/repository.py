@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from google.protobuf import text_format
@@ -285,8 +286,7 @@ def read_entry(folder: Path) -> RepositoryEntry:
 
 
 # --------------------------------------------------------------------------- gateway models
-@dataclass(frozen=True)
-class SamModel:
+class SamModel(NamedTuple):
     """A promptable model served as an image encoder + a prompt decoder."""
 
     info: ModelInfo
@@ -294,8 +294,7 @@ class SamModel:
     decoder: RepositoryEntry
 
 
-@dataclass(frozen=True)
-class SegmenterModel:
+class SegmenterModel(NamedTuple):
     """A prompt-free segmenter: one repository entry, image in, logits out."""
 
     info: ModelInfo
