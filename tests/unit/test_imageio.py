@@ -583,3 +583,508 @@ def test_corrupted_valid_files_decode_or_raise_a_domain_error(sample, edits, cut
     for where, value in edits:
         data[int(where * len(data))] = value
     _decodes_or_domain_error(bytes(data[: max(1, int(cut * len(data)))]))
+
+
+# --------------------------------------------------------------------------- every transfer syntax
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # shipped with pydicom (no download)
+
+
+def pydicom_file(name: str) -> bytes:
+    path = PYDICOM_FILES / name
+    assert path.is_file(), f"pydicom no longer ships {name}"
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm"])
+def test_compressed_and_other_syntaxes_decode_to_the_uncompressed_pixels(name):
+    """Lossless RLE, JPEG 2000, JPEG-LS and the other uncompressed encodings of MR_small
+    decode to exactly the pixels of the uncompressed file."""
+    reference = decode(pydicom_file("MR_small.dcm"))
+    data = pydicom_file(name)
+    syntax = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    image = decode(data)
+    np.testing.assert_array_equal(image.pixels, reference.pixels, err_msg=f"{name} ({syntax.name})")
+
+
+@pytest.mark.parametrize(("name", "syntax", "shape"), [
+    ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.4.50", (100, 100, 3)),  # JPEG baseline, YBR
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", (1024, 256)),  # JPEG extended, 12 bit
+    ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", None),
+    ("JPEG2000.dcm", "1.2.840.10008.1.2.4.91", (1024, 256)),
+    ("SC_rgb_rle.dcm", "1.2.840.10008.1.2.5", (100, 100, 3)),
+    ("SC_rgb_rle_16bit.dcm", "1.2.840.10008.1.2.5", (100, 100, 3)),
+    ("image_dfl.dcm", "1.2.840.10008.1.2.1.99", None),  # deflated
+])
+def test_every_transfer_syntax_a_pacs_sends_decodes(name, syntax, shape):
+    data = pydicom_file(name)
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    image = decode(data)
+    assert image.pixels.shape == (shape or (int(ds.Rows), int(ds.Columns)))
+    assert image.pixels.dtype == np.float32 and 0 <= image.pixels.min() < image.pixels.max() <= 1
+
+
+def test_rgb_rle_and_jpeg_decode_the_same_picture():
+    rle = decode(pydicom_file("SC_rgb_rle.dcm")).pixels
+    np.testing.assert_array_equal(decode(pydicom_file("SC_rgb_rle_16bit.dcm")).pixels, rle)
+    assert np.abs(decode(pydicom_file("SC_rgb_jpeg_dcmtk.dcm")).pixels - rle).mean() < 0.02  # lossy
+
+
+def _lossless_dicom(syntax: str, array: np.ndarray, photometric: str = "MONOCHROME2") -> bytes:
+    ds = synthetic_dicom(array, photometric=photometric)
+    ds.compress(syntax, generate_instance_uid=False)
+    return dicom_bytes(ds)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+                                    "1.2.840.10008.1.2.1.99"])
+def test_multiframe_compressed_dicom_selects_the_requested_frame(syntax):
+    frames = np.stack([np.full((64, 48), 100 * k, dtype=np.uint16) for k in range(4)])
+    frames[:, 0, 0] = 0
+    ds = synthetic_dicom(frames)
+    if syntax == "1.2.840.10008.1.2.1.99":
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        ds.compress(syntax, generate_instance_uid=False)
+    data = dicom_bytes(ds)
+    window = Window(center=200.0, width=400.0)
+    assert decode(data, window=window).pixels[1, 1] == pytest.approx(0.5)  # frame 2 of 0..3: 200
+    assert decode(data, window=window, slice_index=3).pixels[1, 1] == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------- decoder messages
+def canary_dicom(array: np.ndarray | None = None, **attrs) -> Dataset:
+    ds = synthetic_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) if array is None else array)
+    ds.PatientName = "CANARY^SECRET"
+    ds.PatientID = "PID-CANARY-42"
+    ds.StudyDescription = "CANARY STUDY"
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def assert_says(data: bytes, error: type, *fragments: str) -> str:
+    with pytest.raises(error) as info:
+        decode(data)
+    message = info.value.message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "truncated or corrupt" not in message or "truncated" in fragments, message
+    for secret in ("CANARY", "SECRET", "PID-"):
+        assert secret not in message, message
+    return message
+
+
+def test_dicom_errors_name_the_bit_depth():
+    assert_says(dicom_bytes(canary_dicom(BitsAllocated=12)), InvalidImage, "BitsAllocated 12", "not supported")
+    assert_says(dicom_bytes(canary_dicom(BitsStored=20)), InvalidImage, "BitsStored 20")
+
+
+def test_dicom_errors_name_samples_and_photometric():
+    assert_says(dicom_bytes(canary_dicom(SamplesPerPixel=4)), InvalidImage, "SamplesPerPixel 4")
+    assert_says(dicom_bytes(canary_dicom(PhotometricInterpretation="RGB")), InvalidImage,
+                "PhotometricInterpretation RGB", "SamplesPerPixel 1")
+
+
+def test_dicom_errors_name_an_unsupported_transfer_syntax():
+    from pydicom.encaps import encapsulate
+
+    ds = canary_dicom()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x01" * 16])
+    assert_says(dicom_bytes(ds), InvalidImage, "transfer syntax MPEG-4 AVC/H.264", "not supported")
+
+
+def test_dicom_errors_say_there_is_no_pixel_data_or_no_image():
+    ds = canary_dicom()
+    del ds.PixelData
+    assert_says(dicom_bytes(ds), InvalidImage, "no Pixel Data")
+    message = assert_says(pydicom_file("rtplan.dcm"), InvalidImage, "holds no image", "RT Plan Storage")
+    assert "1.2.840" not in message
+    assert_says(pydicom_file("test-SR.dcm"), InvalidImage, "holds no image", "SR")
+
+
+def test_dicom_errors_say_the_pixel_data_is_short():
+    ds = canary_dicom()
+    ds.PixelData = ds.PixelData[:1000]
+    assert_says(dicom_bytes(ds), InvalidImage, "Pixel Data holds 1000 bytes", "need 8192", "truncated")
+
+
+def test_dicom_errors_say_which_frame_failed_to_decode():
+    frame = _frame_of(_lossless_dicom("1.2.840.10008.1.2.4.90", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)))
+    data = encapsulated_dicom(frame[:100], "1.2.840.10008.1.2.4.90", bits=16)  # a JPEG 2000 frame cut short
+    message = assert_says(data, InvalidImage, "DICOM frame 0", "JPEG 2000", "could not be decoded", "truncated")
+    assert "PatientName" not in message
+
+
+# --------------------------------------------------------------------------- memory bounds
+MEMORY_PROBE = r"""
+import json, sys
+from pathlib import Path
+from service.core.domain import ImageInput, ImageLimits
+from service.core.errors import ServiceError
+from service.core.imageio import decode_image, estimate_decode_bytes
+
+def hwm():
+    with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:"))
+
+data = Path(sys.argv[1]).read_bytes()
+limits = ImageLimits(**json.loads(sys.argv[2]))
+warm = Path(sys.argv[3]).read_bytes() if len(sys.argv) > 3 else None
+if warm:  # load the decoder plugins first, so that their code is not counted
+    decode_image(ImageInput(encoded=warm), limits)
+before = hwm()
+try:
+    estimate = int(estimate_decode_bytes(ImageInput(encoded=data), limits))
+except ServiceError:
+    estimate = None
+try:
+    image = decode_image(ImageInput(encoded=data), limits)
+    outcome, message = "OK", list(image.pixels.shape)
+except ServiceError as exc:
+    outcome, message = type(exc).__name__, exc.message
+print(json.dumps({"outcome": outcome, "message": message, "peak": hwm() - before, "estimate": estimate}))
+"""
+REPO = Path(__file__).resolve().parents[2]
+MIB = 1 << 20
+PEAK_BOUND = 200 * MIB
+
+
+def decode_in_subprocess(tmp_path: Path, data: bytes, limits: ImageLimits = ImageLimits(),
+                         warm: bytes | None = None) -> dict:
+    """Decode ``data`` in a fresh interpreter; its outcome and the VmHWM growth during the call."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"input-{len(list(tmp_path.iterdir()))}.bin"
+    path.write_bytes(data)
+    argv = [sys.executable, "-c", MEMORY_PROBE, str(path),
+            json.dumps({"max_side": limits.max_side, "max_pixels": limits.max_pixels,
+                        "max_encoded_bytes": limits.max_encoded_bytes})]
+    if warm is not None:
+        (tmp_path / "warm.bin").write_bytes(warm)
+        argv.append(str(tmp_path / "warm.bin"))
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def jpeg_with_sof(width: int, height: int, components: int | None = None, size: int = 64) -> bytes:
+    """A real 8-bit grey JPEG whose SOF marker is rewritten to declare ``width`` x ``height``."""
+    data = bytearray(png_bytes(np.full((size, size), 120, np.uint8), format="JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    if components is not None:
+        data[sof + 9] = components
+    return bytes(data)
+
+
+def encapsulated_dicom(frame: bytes, syntax: str, rows: int = 64, columns: int = 64, bits: int = 8) -> bytes:
+    """A grey DICOM of ``rows`` x ``columns`` at ``bits`` whose one frame is ``frame``."""
+    from pydicom.encaps import encapsulate
+
+    ds = canary_dicom(np.zeros((rows, columns), np.uint8 if bits == 8 else np.uint16))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return dicom_bytes(ds)
+
+
+def test_dicom_jpeg_frame_declaring_60000_squared_is_refused_before_decoding(tmp_path):
+    frame = jpeg_with_sof(60000, 60000)
+    data = encapsulated_dicom(frame, "1.2.840.10008.1.2.4.50")
+    assert len(data) < 1024 + len(frame) and len(frame) < 1024  # well under 1 KB of JPEG in
+    warm = encapsulated_dicom(jpeg_with_sof(64, 64), "1.2.840.10008.1.2.4.50")
+    got = decode_in_subprocess(tmp_path, data, warm=warm)
+    assert got["outcome"] == "InvalidImage", got
+    assert "60000x60000" in got["message"] and "64x64" in got["message"] and "larger than" in got["message"]
+    assert got["peak"] < PEAK_BOUND, got
+    ok = decode_in_subprocess(tmp_path, warm, warm=warm)  # the same file with the true SOF decodes
+    assert ok["outcome"] == "OK", ok
+
+
+@pytest.mark.parametrize("case", ["width", "components", "precision"])
+def test_dicom_jpeg_frame_larger_than_declared_in_any_dimension_is_refused(case):
+    frame = bytearray(jpeg_with_sof(64, 64))
+    sof = frame.find(b"\xff\xc0")
+    if case == "width":
+        frame[sof + 7:sof + 9] = struct.pack(">H", 65)
+    elif case == "components":
+        frame[sof + 9] = 3
+    else:
+        frame[sof + 4] = 12
+    with pytest.raises(InvalidImage, match="larger than the data set declares"):
+        decode(encapsulated_dicom(bytes(frame), "1.2.840.10008.1.2.4.50"))
+
+
+def _frame_of(data: bytes) -> bytes:
+    from pydicom.encaps import get_frame
+
+    return get_frame(pydicom.dcmread(io.BytesIO(data)).PixelData, 0, number_of_frames=1)
+
+
+def test_dicom_jpeg_ls_and_jpeg_2000_frames_larger_than_declared_are_refused(tmp_path):
+    small = np.full((64, 64), 100, np.uint8)
+    jls = bytearray(_frame_of(_lossless_dicom("1.2.840.10008.1.2.4.80", small)))
+    sof55 = jls.find(b"\xff\xf7")
+    jls[sof55 + 5:sof55 + 9] = struct.pack(">HH", 60000, 60000)
+    j2k = bytearray(_frame_of(_lossless_dicom("1.2.840.10008.1.2.4.90", small)))
+    siz = j2k.find(b"\xff\x4f\xff\x51")
+    j2k[siz + 8:siz + 16] = struct.pack(">II", 60000, 60000)
+    for frame, syntax in ((jls, "1.2.840.10008.1.2.4.80"), (j2k, "1.2.840.10008.1.2.4.90")):
+        got = decode_in_subprocess(tmp_path, encapsulated_dicom(bytes(frame), syntax))
+        assert got["outcome"] == "InvalidImage" and "60000x60000" in got["message"], got
+        assert got["peak"] < PEAK_BOUND, got
+
+
+def test_jpeg_ls_oversize_dimensions_segment_is_read_too():
+    jls = bytearray(_frame_of(_lossless_dicom("1.2.840.10008.1.2.4.80", np.full((64, 64), 100, np.uint8))))
+    sof55 = jls.find(b"\xff\xf7")
+    jls[sof55 + 5:sof55 + 9] = b"\x00\x00\x00\x00"  # X, Y = 0: defined by an LSE (ID 4) segment
+    end = sof55 + 2 + struct.unpack(">H", jls[sof55 + 2:sof55 + 4])[0]
+    lse = b"\xff\xf8" + struct.pack(">HBB", 12, 4, 4) + struct.pack(">II", 60000, 60000)
+    frame = bytes(jls[:end]) + lse + bytes(jls[end:])
+    with pytest.raises(InvalidImage, match="60000x60000"):
+        decode(encapsulated_dicom(frame, "1.2.840.10008.1.2.4.80"))
+
+
+def test_jpeg_2000_with_too_many_tiles_is_refused():
+    from service.core.imageio import MAX_J2K_TILES
+
+    j2k = bytearray(_frame_of(_lossless_dicom("1.2.840.10008.1.2.4.90", np.full((256, 256), 100, np.uint8))))
+    siz = j2k.find(b"\xff\x4f\xff\x51")
+    j2k[siz + 24:siz + 32] = struct.pack(">II", 2, 2)  # 2x2 tiles: 16384 of them
+    assert 128 * 128 > MAX_J2K_TILES
+    with pytest.raises(PayloadTooLarge, match="16384 tiles"):
+        decode(encapsulated_dicom(bytes(j2k), "1.2.840.10008.1.2.4.90", 256, 256))
+
+
+def test_rle_frames_are_bounded_by_rows_and_columns(tmp_path):
+    # One segment declared for a 64x64 8-bit frame, whose runs decode to 256 MiB
+    # (pydicom's own RLE decoder would grow a bytearray that far).
+    runs = b"\x81\x00" * (2 << 20)
+    header = struct.pack("<16I", 1, 64, *[0] * 14)
+    got = decode_in_subprocess(tmp_path, encapsulated_dicom(header + runs, "1.2.840.10008.1.2.5"),
+                               ImageLimits(max_encoded_bytes=8 << 20))
+    assert got["outcome"] in ("OK", "InvalidImage"), got
+    assert got["peak"] < PEAK_BOUND, got
+    with pytest.raises(InvalidImage, match="RLE header declares 3 segment"):
+        decode(encapsulated_dicom(struct.pack("<16I", 3, 64, 64, 64, *[0] * 12) + b"\x00" * 64,
+                                  "1.2.840.10008.1.2.5"))
+
+
+def deflated_dicom_bomb(zeros_mib: int, where: str) -> bytes:
+    """A deflated DICOM declaring 64x64 8-bit pixels with ``zeros_mib`` MiB of zeros in an
+    element after (Data Set Trailing Padding) or before (private) its Pixel Data."""
+    ds = canary_dicom(np.zeros((64, 64), np.uint8))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    data = dicom_bytes(ds)
+    meta_end = 132 + 12 + struct.unpack("<I", data[140:144])[0]
+    body = zlib.decompress(data[meta_end:], -zlib.MAX_WBITS)
+    element = struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, zeros_mib << 20)
+    at = body.rfind(b"\xe0\x7f\x10\x00")
+    if where == "before":
+        element = struct.pack("<HH2sHI", 0x7FDF, 0x0010, b"OB", 0, zeros_mib << 20)
+        prefix, suffix = body[:at] + element, body[at:]
+    else:
+        prefix, suffix = body + element, b""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = bytes(MIB)
+    parts = [deflater.compress(prefix)] + [deflater.compress(chunk) for _ in range(zeros_mib)]
+    return data[:meta_end] + b"".join(parts) + deflater.compress(suffix) + deflater.flush()
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_deflated_dicom_bomb_is_refused_with_bounded_inflation(tmp_path, where):
+    data = deflated_dicom_bomb(256, where)
+    assert len(data) < 300 * 1024  # 256 MiB of zeros deflate to about 250 KiB; pydicom inflated it all
+    got = decode_in_subprocess(tmp_path, data)
+    assert got["outcome"] == "PayloadTooLarge", got
+    assert ("more than its pixel attributes declare" if where == "after" else "before its Pixel Data") in got["message"]
+    assert got["peak"] < PEAK_BOUND, got
+
+
+def test_deflated_dicom_that_is_not_a_bomb_still_decodes():
+    ds = canary_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    reference = decode(dicom_bytes(ds)).pixels
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    np.testing.assert_array_equal(decode(dicom_bytes(ds)).pixels, reference)
+    np.testing.assert_array_equal(decode(deflated_dicom_bomb(0, "after")).pixels, decode(
+        dicom_bytes(canary_dicom(np.zeros((64, 64), np.uint8)))).pixels)
+
+
+def tiff_with_tags(**values: int) -> bytes:
+    """A 16x16 uint8 TIFF whose first-IFD values are overwritten in place."""
+    data = bytearray(tiff_bytes(np.zeros((16, 16), np.uint8), tile=(16, 16)) if "TileWidth" in values
+                     else tiff_bytes(np.zeros((16, 16), np.uint8)))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tags = tif.pages.first.tags
+        for name, value in values.items():
+            tag = tags[name]
+            size = 2 if tag.dtype == 3 else 4
+            data[tag.valueoffset:tag.valueoffset + size] = value.to_bytes(size, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("tags", "error", "message"), [
+    ({"SamplesPerPixel": 65535}, InvalidImage, "65535 samples per pixel"),
+    ({"BitsPerSample": 128}, InvalidImage, "BitsPerSample 128"),
+    ({"TileWidth": 65520, "TileLength": 65520}, PayloadTooLarge, "tiles of 65520x65520"),
+    ({"ImageWidth": 60000, "ImageLength": 60000}, PayloadTooLarge, "60000x60000"),
+])
+def test_tiff_tags_declaring_a_huge_page_are_refused_before_allocating(tmp_path, tags, error, message):
+    data = tiff_with_tags(**tags)
+    with pytest.raises(error, match=message):
+        decode(data)
+    got = decode_in_subprocess(tmp_path, data)
+    assert got["outcome"] == error.__name__ and got["peak"] < PEAK_BOUND, got
+
+
+def test_tiff_volume_pages_are_refused():
+    volume = tiff_bytes(np.zeros((4, 16, 16), np.uint8), volumetric=True, tile=(16, 16), photometric="minisblack")
+    with pytest.raises(InvalidImage, match="ImageDepth of 4"):
+        decode(volume)
+
+
+def tiff_strip_bomb(compression: int, strip: bytes, side: int = 1024) -> bytes:
+    """A ``side`` x ``side`` uint8 TIFF with one strip (declared: side*side bytes) of ``strip``."""
+    entries = [(256, 3, side), (257, 3, side), (258, 3, 8), (259, 3, compression), (262, 3, 1), (273, 4, 0),
+               (277, 3, 1), (278, 3, side), (279, 4, len(strip))]
+    offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", code, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else
+                                              struct.pack("<I", offset if code == 273 else value))
+        for code, kind, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip
+
+
+def zlib_zeros(mib: int) -> bytes:
+    deflater = zlib.compressobj(9)
+    return b"".join(deflater.compress(bytes(MIB)) for _ in range(mib)) + deflater.flush()
+
+
+@pytest.mark.parametrize("codec", ["deflate", "lzma", "packbits"])
+def test_tiff_strip_inflating_past_its_size_is_cut_at_the_strip_size(tmp_path, codec):
+    import lzma
+
+    if codec == "deflate":
+        data = tiff_strip_bomb(8, zlib_zeros(512))  # 512 MiB of zeros in about 512 KiB
+    elif codec == "lzma":
+        data = tiff_strip_bomb(34925, lzma.compress(bytes(256 * MIB), preset=1))
+    else:
+        data = tiff_strip_bomb(32773, b"\x81\x00" * (1 << 20))  # 128 MiB out of 2 MiB
+    got = decode_in_subprocess(tmp_path, data)
+    assert got["outcome"] == "OK" and got["message"] == [1024, 1024], got  # the declared 1 MiB strip
+    assert got["peak"] < PEAK_BOUND, got
+
+
+def test_tiff_bounded_codecs_decode_what_tifffile_writes():
+    grey = (np.arange(40 * 30, dtype=np.uint16) * 37).reshape(40, 30)
+    expected = percentile01(grey).astype(np.float32)
+    for kwargs in ({"compression": "zlib"}, {"compression": "zlib", "predictor": True}, {"compression": "lzma"},
+                   {"compression": "zlib", "tile": (16, 16)}):
+        np.testing.assert_array_equal(decode(tiff_bytes(grey, **kwargs)).pixels, expected, err_msg=str(kwargs))
+    packbits = png_bytes(grey.astype(np.uint8), format="TIFF", compression="packbits")  # tifffile cannot write it
+    assert tifffile.TiffFile(io.BytesIO(packbits)).pages.first.compression == 32773
+    np.testing.assert_array_equal(decode(packbits).pixels, percentile01(grey.astype(np.uint8)).astype(np.float32))
+
+
+def test_png_text_chunk_bomb_stays_bounded(tmp_path):
+    body = b"Comment\x00\x00" + zlib.compress(bytes(MIB), 9)
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    png = png_bytes(np.zeros((8, 8), np.uint8))
+    data = png[:33] + chunk * 200 + png[33:]  # 200 MiB of text in about 200 KiB
+    got = decode_in_subprocess(tmp_path, data)
+    assert got["outcome"] in ("OK", "InvalidImage"), got
+    assert got["peak"] < PEAK_BOUND, got
+
+
+def test_jpeg_with_too_many_scans_is_refused():
+    from service.core.imageio import MAX_JPEG_SCANS
+
+    data = png_bytes(np.random.default_rng(RNG_SEED).integers(0, 256, (32, 32), dtype=np.uint8), format="JPEG",
+                     progressive=True)
+    assert decode(data).pixels.shape == (32, 32)
+    sos = data.rfind(b"\xff\xda")
+    eoi = data.rfind(b"\xff\xd9")
+    many = data[:sos] + data[sos:eoi] * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    with pytest.raises(PayloadTooLarge, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode(many)
+    with pytest.raises(PayloadTooLarge, match="scans"):
+        decode(encapsulated_dicom(many, "1.2.840.10008.1.2.4.50", 32, 32))
+
+
+def test_jpeg_with_a_dnl_defined_height_is_refused():
+    with pytest.raises(InvalidImage, match="DNL"):
+        decode(encapsulated_dicom(jpeg_with_sof(64, 0), "1.2.840.10008.1.2.4.50"))
+
+
+# --------------------------------------------------------------------------- the estimate
+ESTIMATE_CASES = ["png16", "jpeg_rgb", "tiff_float_zlib", "tiff_rgb_lzw", "dicom_ct", "dicom_j2k", "dicom_rle_rgb",
+                  "dicom_deflated", "nifti_gz"]
+
+
+def estimate_case(name: str) -> tuple[bytes, bytes | None]:
+    """(file, a small file of the same kind to load its decoder plugins first)."""
+    rng = np.random.default_rng(RNG_SEED)
+    grey16 = (rng.normal(1000, 300, (1024, 1536)).clip(0, 4000)).astype(np.uint16)
+    rgb = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    if name == "png16":
+        return png_bytes(grey16), None
+    if name == "jpeg_rgb":
+        return png_bytes(rgb, format="JPEG", quality=90), None
+    if name == "tiff_float_zlib":
+        return tiff_bytes(grey16.astype(np.float32), compression="zlib"), None
+    if name == "tiff_rgb_lzw":
+        return png_bytes(rgb, format="TIFF", compression="tiff_lzw"), None
+    if name == "dicom_ct":
+        return dicom_bytes(synthetic_dicom(grey16.astype(np.int16), modality="CT")), None
+    if name == "dicom_j2k":
+        return (_lossless_dicom("1.2.840.10008.1.2.4.90", grey16),
+                _lossless_dicom("1.2.840.10008.1.2.4.90", grey16[:64, :64].copy()))
+    if name == "dicom_rle_rgb":
+        return _lossless_dicom("1.2.840.10008.1.2.5", rgb, "RGB"), _lossless_dicom(
+            "1.2.840.10008.1.2.5", rgb[:8, :8].copy(), "RGB")
+    if name == "dicom_deflated":
+        ds = synthetic_dicom(grey16)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+        return dicom_bytes(ds), None
+    assert name == "nifti_gz"
+    return nifti_bytes(rng.normal(0, 1, (256, 256, 20)).astype(np.float32), compress=True), None
+
+
+@pytest.mark.parametrize("name", ESTIMATE_CASES)
+def test_estimate_decode_bytes_bounds_the_measured_peak(tmp_path, name):
+    """The header-only estimate is at least the decoder's measured peak (VmHWM growth), and
+    not wildly above it (admission charges it)."""
+    data, warm = estimate_case(name)
+    got = decode_in_subprocess(tmp_path, data, warm=warm)
+    assert got["outcome"] == "OK", got
+    assert got["estimate"] >= got["peak"], got
+    assert got["estimate"] < 4 * got["peak"] + 32 * MIB, got
+
+
+def test_estimate_decode_bytes_is_an_int_with_the_image_size():
+    from service.core.imageio import estimate_decode_bytes
+
+    data = dicom_bytes(synthetic_dicom(np.zeros((30, 40), np.uint16)))
+    estimate = estimate_decode_bytes(ImageInput(encoded=data))
+    assert isinstance(estimate, int) and (estimate.height, estimate.width) == (30, 40)
+    assert estimate > 30 * 40 * 2
+    raw = estimate_decode_bytes(ImageInput(raw=RawPixels("uint8", (10, 20, 3), b"\x00" * 600)))
+    assert (raw.height, raw.width) == (10, 20) and raw >= 600
+    with pytest.raises(PayloadTooLarge):
+        estimate_decode_bytes(ImageInput(encoded=png_header_only(100_000, 100_000)))
+    with pytest.raises(PayloadTooLarge):
+        estimate_decode_bytes(ImageInput(encoded=deflated_dicom_bomb(0, "after")), ImageLimits(max_side=32))
+    with pytest.raises(InvalidImage):
+        estimate_decode_bytes(ImageInput(encoded=b"not an image at all" * 20))
+
+
+def test_planar_rgb_tiff_of_any_dtype_gives_c_contiguous_pixels():
+    rgb = np.random.default_rng(RNG_SEED).normal(100, 30, (3, 12, 9)).astype(np.float32)
+    image = decode(tiff_bytes(rgb, planarconfig="separate", photometric="rgb"))
+    assert image.pixels.shape == (12, 9, 3) and image.pixels.flags.c_contiguous
+    np.testing.assert_allclose(image.pixels, percentile01(np.moveaxis(rgb, 0, -1)), atol=1e-6)
