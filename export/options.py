@@ -14,3 +14,4 @@ class ExportOptions:
     version: int = 1
     force: bool = False
     guard_cases: int | None = None  # dev cases for a variant's Dice guard (None: all)
+    data_dir: Path | None = None  # dev cases of the checks (None: ../shared/data/dev; none there: shipped images)

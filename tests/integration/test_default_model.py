@@ -1,0 +1,84 @@
+"""--default-model auto in a real gateway process: it times the LiteMedSAM variants present in
+the repository at start-up, ListModels marks exactly one of them default (one this CPU runs
+natively) and says why, a call naming no model gets it, every variant stays selectable, and
+``--default-model medsam_lite`` pins the old behaviour."""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from bench.run_benchmarks import Images, bench_default_model
+from medseg_client import SegmentationClient, image_from_array
+from service.inference.model_choice import AUTO, PREFERENCE, cpu_flags, runs_natively
+from tests.harness import GatewayProcess
+
+pytestmark = pytest.mark.slow
+IMAGE = image_from_array(np.random.default_rng(7).integers(0, 255, (96, 80), dtype=np.uint8))
+BOX = [(10, 12, 70, 80)]
+
+
+def _present(repository) -> set[str]:
+    return {m for m in PREFERENCE if (repository / f"{m}_encoder" / "1" / "model.onnx").is_file()}
+
+
+@contextmanager
+def _gateway(tmp_path, *args: str):
+    gw = GatewayProcess(tmp_path, *args)
+    try:
+        gw.start().wait_serving()
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def auto_gateway(model_repository, tmp_path_factory):
+    with _gateway(tmp_path_factory.mktemp("auto-gw")) as gw:  # default settings: --default-model auto
+        yield gw
+
+
+def _ask(gw):
+    with SegmentationClient(gw.target, timeout=120) as client:
+        models = client.list_models()
+        answers = {m.name: client.segment(image=IMAGE, boxes=BOX, model=m.name).model_name
+                   for m in models if m.name in PREFERENCE}
+        return models, answers, client.segment(image=IMAGE, boxes=BOX).model_name
+
+
+def test_auto_defaults_to_one_present_variant_this_cpu_runs_natively(model_repository, auto_gateway):
+    present = _present(model_repository)
+    models, answers, unnamed = _ask(auto_gateway)
+    defaults = [m for m in models if m.is_default]
+    assert len(defaults) == 1, [m.name for m in models]
+    chosen = defaults[0].name
+    assert chosen in present and runs_natively(chosen, cpu_flags())
+    assert unnamed == chosen
+    assert answers == {m: m for m in present}  # every variant listed and selectable by name
+    line = next(x for x in auto_gateway.log().splitlines() if "default model: " in x)
+    assert f"default model: {chosen} (" in line
+    assert "default model on this machine" in defaults[0].description
+    natively = [m for m in PREFERENCE if m in present and runs_natively(m, cpu_flags())]
+    if len(natively) > 1:  # measured: every candidate's time is in the log, the chosen one the least
+        times = {m: int(ms) for m, ms in re.findall(r"(medsam_lite\w*) (\d+) ms", line)}
+        assert set(times) == set(natively) and times[chosen] == min(times.values())
+        assert "fastest measured" in line and "embedded backend" in line
+    print(line)
+
+
+def test_the_benchmark_measures_the_model_the_gateway_chose(auto_gateway):
+    (chosen,) = [m.name for m in _ask(auto_gateway)[0] if m.is_default]
+    run = bench_default_model(auto_gateway.target, Images(np.zeros((512, 512), np.int16)), 2, 2)
+    assert run["model"] == chosen and run["new_image"]["p50_ms"] > 0 and run["follow_up"]["p50_ms"] > 0
+
+
+def test_an_explicit_default_model_pins_fp32(model_repository, tmp_path):
+    with _gateway(tmp_path, "--default-model", "medsam_lite") as gw:
+        models, _, unnamed = _ask(gw)
+        assert [m.name for m in models if m.is_default] == ["medsam_lite"]
+        assert unnamed == "medsam_lite"
+        assert "default model: medsam_lite (pinned by --default-model)" in gw.log()
+        assert AUTO not in {m.name for m in models}
