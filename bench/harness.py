@@ -8,6 +8,7 @@ It lives in ``bench`` because the benchmarks need it and bench never imports ``t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["MODEL_REPOSITORY", "REPO", "GatewayProcess", "TritonProcess", "ensure_models", "free_port",
-           "metric_value", "wait_for"]
+__all__ = ["MODEL_REPOSITORY", "REPO", "GatewayProcess", "MetricMissing", "TritonProcess", "ensure_models",
+           "free_port", "free_ports", "metric_value", "wait_for"]
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = REPO / "model_repository"
@@ -62,17 +63,23 @@ class GatewayProcess:
         self.grpc_port = self.metrics_port = 0
 
     def start(self, timeout: float = 60.0) -> "GatewayProcess":
+        """Start the process and read its ports back; a start that fails (exit, timeout) kills
+        what it started before raising, so no gateway outlives a failed start."""
         self.port_file.unlink(missing_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", *self.args], cwd=REPO, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service", *self.args], cwd=REPO, env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT)
 
         def ports():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             return self.port_file.is_file() and json.loads(self.port_file.read_text())
 
-        info = wait_for(ports, timeout, "the gateway's port file")
+        try:
+            info = wait_for(ports, timeout, "the gateway's port file")
+        except BaseException:
+            self.kill()
+            raise
         self.grpc_port, self.metrics_port = info["grpc"], info["metrics"]
         return self
 
@@ -96,6 +103,17 @@ class GatewayProcess:
         wait_for(lambda: self.health() == health_pb2.HealthCheckResponse.SERVING, timeout, "health SERVING")
         return self
 
+    @contextlib.contextmanager
+    def serving(self, timeout: float = 120.0):
+        """Start, wait for SERVING and yield this process; it is stopped on the way out, also
+        when the start or the wait fails (no process outlives a failed fixture)."""
+        self.start()
+        try:
+            self.wait_serving(timeout)
+            yield self
+        finally:
+            self.stop()
+
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
             return reply.read().decode()
@@ -103,6 +121,12 @@ class GatewayProcess:
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL by PID (a start that failed, a stop that timed out) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None:
@@ -115,9 +139,37 @@ class GatewayProcess:
             return self.proc.wait(10)
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
-    total = 0.0
+class MetricMissing(KeyError):
+    """A metric (or the labelled sample asked for) is not in the exposition at all."""
+
+
+class _BindFailed(Exception):
+    """tritonserver exited because one of its ports was already in use."""
+
+
+_RAISE = object()
+_SUFFIXES = ("", "_total", "_count", "_sum", "_bucket", "_created", "_info")
+
+
+def _families(text: str) -> set[str]:
+    """Names declared by ``# TYPE`` lines (a labelled metric with no sample yet has one)."""
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ") and len(line.split()) > 2}
+
+
+def _declared(text: str, name: str) -> bool:
+    families = _families(text)
+    return any(name == family + suffix for family in families for suffix in _SUFFIXES)
+
+
+def metric_value(text: str, name: str, *, default: float | object = _RAISE, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``.
+
+    No matching sample raises :class:`MetricMissing`, so that a renamed metric or label fails
+    the check instead of reading as 0 (an upper bound such as ``<= limit`` would then pass).
+    ``default`` (e.g. ``0.0`` for a counter read *before* its first increment) is returned
+    for a missing sample only while the metric itself is declared (its ``# TYPE`` line is
+    there); a metric absent from the exposition raises even then."""
+    total, found = 0.0, False
     for line in text.splitlines():
         if not line.startswith(name) or line.startswith("#"):
             continue
@@ -127,16 +179,37 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             continue
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
-    return total
+            found = True
+    if found:
+        return total
+    if default is not _RAISE and _declared(text, name):
+        return float(default)  # type: ignore[arg-type]
+    what = f"{name}{{{', '.join(f'{k}={v!r}' for k, v in labels.items())}}}" if labels else name
+    declared = "declared but no such sample" if _declared(text, name) else "not declared"
+    raise MetricMissing(f"metric {what} is not in the scrape ({declared})")
 
 
-def free_port() -> int:
-    """A currently free loopback port (for servers, like tritonserver, that cannot bind port 0)."""
+def free_port(avoid: set[int] | frozenset[int] = frozenset()) -> int:
+    """A currently free loopback port not in ``avoid`` (for servers, like tritonserver, that
+    cannot bind port 0). Another process may still take it before the server binds it:
+    :meth:`TritonProcess.start` retries with fresh ports when a bind fails."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+    raise RuntimeError("no free loopback port")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports."""
+    ports: list[int] = []
+    for _ in range(count):
+        ports.append(free_port(set(ports)))
+    return ports
 
 
 class TritonProcess:
@@ -146,33 +219,60 @@ class TritonProcess:
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.repository = repository
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         self.log_path = self.tmp / "tritonserver.log"
         self.proc: subprocess.Popen | None = None
+        self._ports_in_use = False  # once it has served, restarts keep its ports (clients know them)
 
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 120.0) -> "TritonProcess":
+    def start(self, timeout: float = 120.0, bind_attempts: int = 3) -> "TritonProcess":
+        """Start tritonserver and wait for readiness. The three ports are picked free but not
+        held (tritonserver cannot bind port 0), so another process may take one first: when the
+        server exits because a port is already in use, the first start retries on fresh ports
+        (``bind_attempts`` in all). A start that fails kills what it started before raising."""
+        for attempt in range(1, bind_attempts + 1):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                self._start_once(timeout)
+            except _BindFailed:
+                if self._ports_in_use or attempt == bind_attempts:
+                    raise RuntimeError(f"tritonserver could not bind its ports {self.grpc_port}, {self.http_port}, "
+                                       f"{self.metrics_port} (attempt {attempt}):\n{self.log()[offset:][-4000:]}")
+                self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+                continue
+            self._ports_in_use = True
+            return self
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> None:
         from export.tritonserver import command
 
         argv, env = command(self.repository, self.grpc_port, self.http_port, self.metrics_port,
                             cache=REPO / ".cache" / "triton-backends")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                this_start = self.log()[offset:]
+                if "already in use" in this_start.lower():
+                    raise _BindFailed()
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{this_start[-4000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
                     return r.status == 200
             except OSError:
                 return False
 
-        wait_for(ready, timeout, "tritonserver readiness", interval=0.2)
-        return self
+        try:
+            wait_for(ready, timeout, "tritonserver readiness", interval=0.2)
+        except BaseException:
+            self.kill()
+            raise
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

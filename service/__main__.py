@@ -8,15 +8,21 @@ import sys
 import warnings
 
 from service.edge.server import serve
+from service.observability import audit
 from service.settings import Settings
 
 
 def quiet_patient_data_loggers() -> None:
-    """pydicom's warnings can quote element values (names, IDs): keep them out of the logs."""
+    """No library text in the logs: decoder warnings and log records can quote file contents
+    (DICOM names and IDs, TIFF tags, PNG text chunks, NIfTI descriptions). pydicom is silenced
+    outright; every other library logger and every Python warning goes through the audit
+    module's PHI-free policy (:func:`service.observability.audit.install_log_policy`: the
+    logger's name, a warning's category and origin, tracebacks without exception messages)."""
     pydicom_log = logging.getLogger("pydicom")
     pydicom_log.setLevel(logging.CRITICAL)
     pydicom_log.propagate = False
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    audit.install_log_policy()
 
 
 def main(argv: list[str] | None = None) -> int:

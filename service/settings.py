@@ -14,6 +14,7 @@ from pathlib import Path
 from service.core.domain import ImageLimits
 
 BACKENDS = ("embedded", "triton")
+CACHE_SCOPES = ("caller", "tenant", "shared")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,12 @@ class Settings:
     backend: str = "embedded"
     model_repository: Path = Path("model_repository")
     triton_url: str = "127.0.0.1:8001"
-    default_model: str = "medsam_lite"
+    # The model a call naming none gets: a model name, or "auto": the fastest LiteMedSAM variant
+    # present that this CPU runs natively, measured at start-up (service/inference/model_choice.py).
+    default_model: str = "auto"
+    # Encoder runs of each candidate timed at start-up for --default-model auto (0: no timing,
+    # the documented preference BF16 > INT8 > fp32 among the candidates decides).
+    default_model_runs: int = 2
     cache_bytes: int = 512 * 1024 * 1024
     cache_ttl_s: float = 3600.0
     max_request_bytes: int = 64 * 1024 * 1024
@@ -77,6 +83,38 @@ class Settings:
     # RESOURCE_EXHAUSTED at once. A waiting call gives up at its own deadline.
     max_inflight: int = 4
     max_queue: int = 16
+    # Memory budget of the calls running at once: each is charged its estimate (request,
+    # decode, masks, answer: service/core/request_memory.py) and the charges never sum above
+    # this; a call that alone needs more is refused with RESOURCE_EXHAUSTED. Size the pod's
+    # memory limit as baseline RSS + --cache-bytes + this + request buffers. 0 = no budget.
+    memory_budget_bytes: int = 2 * 1024 * 1024 * 1024
+    # The most one call may be charged (0: the budget).
+    max_request_memory_bytes: int = 0
+    # Calls whose client gave up (deadline, cancel) while their thread still runs keep their
+    # slot until it ends; while this many are still running, new calls are refused at once.
+    max_abandoned: int = 2
+    # Per caller (the token's caller; "anonymous" without authentication): calls running or
+    # waiting at once, and calls per second with bursts of --burst-per-caller. 0 = no bound.
+    max_inflight_per_caller: int = 0
+    rate_per_caller: float = 0.0
+    burst_per_caller: int = 0
+
+    # --- slow or stalled clients (service/edge/intake.py) ------------------------------
+    # A unary request message must arrive within this many seconds of its call's start
+    # (DEADLINE_EXCEEDED otherwise); size it by --max-request-bytes over the slowest link.
+    request_receive_timeout_s: float = 15.0
+    # Segmentation calls one connection may have open at once (health and reflection aside);
+    # beyond it RESOURCE_EXHAUSTED at once. HTTP/2 streams per connection: this + 8.
+    max_rpcs_per_connection: int = 16
+    # Connections without a call for this long are closed (GOAWAY); 0 = never.
+    max_connection_idle_s: float = 300.0
+    # Every connection is closed after this long (GOAWAY; clients reconnect); 0 = never.
+    max_connection_age_s: float = 1800.0
+
+    # --- tenant isolation of the image cache (service/inference/cache.py) ---------------
+    # Whose cached images and image_ids a call sees: "caller" (its own), "tenant" (callers
+    # named "tenant/name" share), "shared" (everyone). Without authentication: shared.
+    cache_scope: str = "caller"
 
     # --- audit (service/audit.py) -----------------------------------------------------
     # Where the one-JSON-line-per-RPC audit log goes: "-" = stderr, else a file (appended).
@@ -105,13 +143,23 @@ class Settings:
                 continue
             value = default if raw_env is None else kind(raw_env)
             extra = {"choices": BACKENDS} if f.name == "backend" else {}
+            if f.name == "cache_scope":
+                extra = {"choices": CACHE_SCOPES}
             parser.add_argument(flag, type=kind, default=value, help=f"env {env} (default {default})", **extra)
         args = parser.parse_args(argv)
         settings = cls(**vars(args))
         if settings.backend not in BACKENDS:
             parser.error(f"--backend must be one of {BACKENDS}")
+        if settings.default_model_runs < 0:
+            parser.error("--default-model-runs must be >= 0")
+        if settings.request_receive_timeout_s <= 0 or settings.max_rpcs_per_connection < 1:
+            parser.error("--request-receive-timeout-s must be > 0 and --max-rpcs-per-connection >= 1")
         if settings.max_inflight < 1 or settings.max_queue < 0:
             parser.error("--max-inflight must be >= 1 and --max-queue >= 0")
+        if min(settings.memory_budget_bytes, settings.max_request_memory_bytes, settings.max_abandoned,
+               settings.max_inflight_per_caller, settings.burst_per_caller) < 0 or settings.rate_per_caller < 0:
+            parser.error("--memory-budget-bytes, --max-request-memory-bytes, --max-abandoned, "
+                         "--max-inflight-per-caller, --rate-per-caller and --burst-per-caller must be >= 0")
         if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
             parser.error("--tls-cert-file and --tls-key-file go together")
         if settings.tls_client_ca_file and not settings.tls_cert_file:

@@ -4,8 +4,8 @@ bench; bench never imports tests), re-exported here under its old name."""
 
 from __future__ import annotations
 
-from bench.harness import (MODEL_REPOSITORY, REPO, GatewayProcess, TritonProcess, ensure_models, free_port,
-                           metric_value, wait_for)
+from bench.harness import (MODEL_REPOSITORY, REPO, GatewayProcess, MetricMissing, TritonProcess, ensure_models,
+                           free_port, free_ports, metric_value, wait_for)
 
-__all__ = ["MODEL_REPOSITORY", "REPO", "GatewayProcess", "TritonProcess", "ensure_models", "free_port",
-           "metric_value", "wait_for"]
+__all__ = ["MODEL_REPOSITORY", "REPO", "GatewayProcess", "MetricMissing", "TritonProcess", "ensure_models",
+           "free_port", "free_ports", "metric_value", "wait_for"]

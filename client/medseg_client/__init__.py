@@ -15,7 +15,8 @@ Over TLS, with a client certificate (mutual TLS) and a bearer token::
         ...
 
 Transport rule: without ``credentials`` the client uses plaintext only for a loopback target
-(``127.0.0.1``, ``localhost``, ``::1``) or when ``insecure=True`` is passed; any other target
+(``127.0.0.1``, ``localhost``, ``::1``, ``unix:``; for a list such as ``ipv4:a,b`` every
+address) or when ``insecure=True`` is passed; any other target
 gets TLS verified against the system's trust store. A bearer token is never sent in
 plaintext to a non-loopback target unless ``insecure=True``.
 

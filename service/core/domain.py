@@ -136,11 +136,17 @@ class MaskEncoding(enum.Enum):
 
 @dataclass(frozen=True)
 class MaskResult:
-    """One answer. ``mask``: bool ``(H, W)`` at input size; ``low_res_logits``: float32 or None."""
+    """One answer. ``mask``: bool ``(H, W)`` at input size; ``low_res_logits``: float32 or None.
 
-    mask: np.ndarray
+    A pipeline that already encoded the mask for the wire (one mask at a time, so a request's
+    memory stays O(H*W) whatever its prompt count) sets ``encoded`` (the payload in the
+    request's encoding) and ``area`` (foreground pixels) and leaves ``mask`` ``None``."""
+
+    mask: np.ndarray | None
     predicted_iou: float
     low_res_logits: np.ndarray | None = None
+    encoded: bytes | None = None
+    area: int | None = None
 
 
 # --------------------------------------------------------------------------- models

@@ -20,6 +20,16 @@ class ServiceError(Exception):
         self.message = message
 
 
+ECHO_CHARS = 64
+
+
+def shorten(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr`` of request text echoed in a message (an image id, a model name), cut to
+    ``limit`` characters plus an ellipsis, so a long one cannot blow up the status message."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "\u2026"
+
+
 # --- the client sent something wrong -------------------------------------------------
 class InvalidArgument(ServiceError):
     """The request is malformed; retrying it unchanged will fail again."""
@@ -61,6 +71,26 @@ class PayloadTooLarge(ResourceExhausted):
 
 class Overloaded(ResourceExhausted):
     """Too many requests in flight; retry with backoff."""
+
+
+class Refused(Overloaded):
+    """Admission refused the call before it ran (service/edge/admission.py): ``reason`` says
+    which bound (queue_full, request_memory, abandoned, caller_inflight, caller_rate) and
+    ``retry_after_s``, when waiting helps, how long to wait."""
+
+    def __init__(self, message: str, reason: str = "refused", retry_after_s: float | None = None) -> None:
+        if retry_after_s is not None:
+            message = f"{message} (retry after {retry_after_s * 1000:.0f} ms)"
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class AnswerTooLarge(ResourceExhausted):
+    """The answer would exceed the gateway's send limit (--max-request-bytes); refused
+    before the work where its size can be told from the request, else as soon as it shows."""
+
+    reason = "answer_size"
 
 
 # --- the serving stack ----------------------------------------------------------------

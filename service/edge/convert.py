@@ -85,8 +85,10 @@ def model_ref(info: ModelInfo) -> pb.ModelRef:
 def segment_response_to_proto(result: SegmentResult, encoding: MaskEncoding) -> pb.SegmentResponse:
     masks = []
     for m in result.masks:
+        data = m.encoded if m.encoded is not None else encode_mask(m.mask, encoding)
+        area = m.area if m.area is not None else int(m.mask.sum())
         msg = pb.Mask(height=result.height, width=result.width, encoding=_ENCODING_TO_PB[encoding],
-                      data=encode_mask(m.mask, encoding), predicted_iou=m.predicted_iou, area=int(m.mask.sum()))
+                      data=data, predicted_iou=m.predicted_iou, area=area)
         if m.low_res_logits is not None:
             lr = m.low_res_logits
             msg.low_res_logits.CopyFrom(pb.LowResLogits(height=lr.shape[0], width=lr.shape[1],

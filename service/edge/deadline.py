@@ -20,6 +20,7 @@ import numpy as np
 
 from service.core import errors
 from service.backends.base import Backend
+from service.inference import work
 
 _DEADLINE: ContextVar[float | None] = ContextVar("medseg_call_deadline", default=None)
 
@@ -55,7 +56,8 @@ def backend_timeout(configured: float | None) -> float | None:
 
 
 class DeadlineBoundBackend:
-    """A :class:`Backend` proxy whose ``infer`` honours the calling RPC's deadline."""
+    """A :class:`Backend` proxy whose ``infer`` honours the calling RPC's deadline, and starts
+    no model run for a call nobody waits for any more (:mod:`service.inference.work`)."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
@@ -65,4 +67,7 @@ class DeadlineBoundBackend:
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
                     timeout: float | None = None) -> dict[str, np.ndarray]:
+        call = work.current()
+        if call is not None:
+            call.check(f"running model {model}")
         return await self.inner.infer(model, inputs, outputs, backend_timeout(timeout))

@@ -72,9 +72,14 @@ def _denying(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
         deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
-async def create_health_server(settings: Settings, checker: Health) -> tuple[grpc.aio.Server, int]:
-    """A plaintext port with grpc.health.v1 only, for kubelet gRPC probes (no TLS, no token)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+async def create_health_server(settings: Settings, checker: Health, options: list[tuple[str, int]],
+                               interceptors: list[grpc.aio.ServerInterceptor]) -> tuple[grpc.aio.Server, int]:
+    """A plaintext port with grpc.health.v1 only, for kubelet gRPC probes (no TLS, no token).
+
+    It has no pool that clients could fill (no ``maximum_concurrent_rpcs``): ``options`` bound
+    each connection (streams, message size, age) and ``interceptors`` the time to receive a
+    request (see :func:`service.edge.server.serve`)."""
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     address = f"{settings.health_host}:{settings.health_port}"
     port = server.add_insecure_port(address)

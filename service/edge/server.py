@@ -20,35 +20,91 @@ from service.core.errors import StartupError
 from service.edge.admission import Admission
 from service.edge.deadline import DeadlineBoundBackend
 from service.edge.health import SERVICE_NAME, Health, ProbeGate, create_health_server
-from service.edge.servicer import SegmentationServicer
+from service.edge.intake import IntakeGate, Rejected
+from service.edge.servicer import SegmentationServicer, _request_id
+from service.inference import work
 from service.inference.gateway import Gateway
 from service.observability import audit
 from service.observability.metrics import Metrics
-from service.security.auth import Authenticator
+from service.security.auth import Authenticator, Principal
 from service.security.tls import ReloadingCredentials, check_exposure, tls_enabled
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+# Streams one connection may open beyond --max-rpcs-per-connection: health and reflection on a
+# connection whose Segmentation share is full still find one.
+PROBE_STREAMS = 8
+# The health-only port: streams per connection, largest request (HealthCheckRequest is tiny),
+# and how long a probe may take to send it.
+HEALTH_PORT_STREAMS = 8
+HEALTH_PORT_MAX_REQUEST_BYTES = 4096
+HEALTH_RECEIVE_TIMEOUT_S = 5.0
+
+
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """What any one client connection may hold, and for how long (main and health port alike):
+    keepalive pings find dead peers; pings the client sends more often than every 10 s without
+    data are strikes (two, and the connection is closed); idle connections are closed after
+    --max-connection-idle-s, every connection after --max-connection-age-s (GOAWAY: clients
+    reconnect on their own; calls then open get --backend-timeout-s + --request-receive-timeout-s
+    to finish). 0 turns the idle or age bound off."""
+    options = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+               ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 2),
+               ("grpc.so_reuseport", 0)]
+    if settings.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1000)))
+    if settings.max_connection_age_s > 0:
+        grace_s = settings.backend_timeout_s + settings.request_receive_timeout_s
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(grace_s * 1000))]
+    return options
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Message limits, and a per-connection stream cap well above the admission bounds (so
-    overload shows as a fast RESOURCE_EXHAUSTED from admission, not as client-side queueing)."""
+    """Message limits, the per-connection HTTP/2 stream cap (enforced by gRPC's transport: a
+    stream above it is refused, REFUSED_STREAM, even from a client that ignores the setting) and
+    the connection bounds."""
     return [("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", settings.max_request_bytes),
-            ("grpc.max_concurrent_streams", max(100, 4 * concurrent_rpc_limit(settings))),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.max_concurrent_streams", settings.max_rpcs_per_connection + PROBE_STREAMS),
+            *connection_options(settings)]
+
+
+def health_port_options(settings: Settings) -> list[tuple[str, int]]:
+    """The health-only port: few streams per connection, tiny requests, the connection bounds."""
+    return [("grpc.max_receive_message_length", HEALTH_PORT_MAX_REQUEST_BYTES),
+            ("grpc.max_concurrent_streams", HEALTH_PORT_STREAMS), *connection_options(settings)]
 
 
 CHEAP_RPC_HEADROOM = 16
 
 
 def concurrent_rpc_limit(settings: Settings) -> int:
-    """Backstop for RPCs alive at once, enforced by gRPC before a request is read: the
-    admission bounds plus headroom for cheap calls (ListModels, health, calls being rejected).
-    Each live RPC may hold one request of up to --max-request-bytes, so request memory is at
-    most this many times --max-request-bytes, whatever the offered load."""
+    """Segmentation RPCs open at once, enforced by the intake gate before a request is read
+    (:mod:`service.edge.intake`): the admission bounds plus headroom for cheap calls
+    (ListModels, calls being rejected). Each open RPC may hold one request of up to
+    --max-request-bytes, so request memory is at most this many times --max-request-bytes,
+    whatever the offered load. Health and reflection are outside this pool."""
     return settings.max_inflight + settings.max_queue + CHEAP_RPC_HEADROOM
+
+
+def _report_rejection(gateway: Gateway) -> Rejected:
+    """The audit line and metrics of a call the intake gate ended before the servicer saw it."""
+    metrics = gateway.metrics
+
+    def report(method: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+               principal: Principal | None) -> None:
+        request_id = _request_id(context)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        record = audit.AuditRecord(request_id, method, metrics.backend, peer=context.peer() or "", status=code.name)
+        if principal is not None:
+            record.caller, record.auth = principal.caller, principal.scheme
+        audit.write(record)
+        metrics.requests.labels(method, code.name, metrics.backend).inc()
+
+    return report
 
 
 async def create_server(settings: Settings, gateway: Gateway, authenticator: Authenticator | None = None,
@@ -57,9 +113,13 @@ async def create_server(settings: Settings, gateway: Gateway, authenticator: Aut
     TLS when ``credentials`` are given, else plaintext."""
     authenticator = authenticator or Authenticator()
     gate = ProbeGate(authenticator, settings.auth_exempt_health, settings.auth_exempt_reflection)
-    server = grpc.aio.server(options=server_options(settings), interceptors=[gate],
-                             maximum_concurrent_rpcs=concurrent_rpc_limit(settings))
-    admission = Admission(settings.max_inflight, settings.max_queue, gateway.metrics.registry)
+    # No maximum_concurrent_rpcs: gRPC's limit covers health too and knows no connection; the
+    # intake gate bounds calls per server and per connection, and the time to receive them.
+    intake = IntakeGate(pool=concurrent_rpc_limit(settings), per_connection=settings.max_rpcs_per_connection,
+                        receive_timeout_s=settings.request_receive_timeout_s, authenticator=authenticator,
+                        on_reject=_report_rejection(gateway))
+    server = grpc.aio.server(options=server_options(settings), interceptors=[intake, gate])
+    admission = Admission.from_settings(settings, gateway.metrics.registry)
     SegmentationServicer(gateway, authenticator, admission).add_to_server(server)
     checker = Health()
     await checker.set_serving(False)
@@ -83,6 +143,7 @@ def _security(settings: Settings) -> tuple[Authenticator, grpc.ServerCredentials
 
 async def serve(settings: Settings) -> int:
     audit.configure(settings.audit_log)
+    work.return_large_blocks()  # freed image buffers go back to the system (service/inference/work.py)
     metrics = Metrics(settings.backend)
     health_server, health_port = None, None
     try:
@@ -90,7 +151,10 @@ async def serve(settings: Settings) -> int:
         gateway = Gateway(settings, DeadlineBoundBackend(create_backend(settings)), metrics)
         server, port, checker = await create_server(settings, gateway, authenticator, credentials)
         if settings.health_port >= 0:
-            health_server, health_port = await create_health_server(settings, checker)
+            health_server, health_port = await create_health_server(
+                settings, checker, health_port_options(settings),
+                [IntakeGate(pool=None, per_connection=None, authenticator=None,
+                            receive_timeout_s=min(HEALTH_RECEIVE_TIMEOUT_S, settings.request_receive_timeout_s))])
             log.info("plaintext health-only port on %s:%d", settings.health_host, health_port)
     except StartupError as exc:
         log.error("cannot start: %s", exc)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import time
 import uuid
@@ -32,10 +33,11 @@ from dataclasses import dataclass
 import grpc
 
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
-from service.core import errors
+from service.core import errors, request_memory
 from service.edge import convert
 from service.edge import deadline
-from service.edge.admission import Admission
+from service.edge.admission import Admission, Refused
+from service.inference import work
 from service.edge.status import client_message, status_for
 from service.inference.gateway import Gateway
 from service.observability import audit
@@ -65,7 +67,7 @@ class Call:
     model: str | None = None
 
 
-def rpc(method: str, *, admitted: bool = True):
+def rpc(method: str, *, admitted: bool = True, prepare=None):
     """The one place where exceptions become gRPC statuses, with auth, admission, deadline,
     metrics, an audit line and a request id.
 
@@ -73,6 +75,14 @@ def rpc(method: str, *, admitted: bool = True):
     message and the request id, and its traceback is logged under that id. ``admitted``
     calls (model work) take an admission slot; cheap ones (ListModels) do not. The wrapped
     method receives a :class:`Call` as its third argument.
+
+    ``prepare(self, request, call) -> (what the method receives, MemoryEstimate)`` runs before
+    admission (cheap: converting the request, reading the image header): the estimate is what
+    admission charges the call, and an answer that cannot fit the send limit is refused there,
+    before any work. The method's answer is serialised here, inside the admission slot, and
+    refused (RESOURCE_EXHAUSTED, the limit named) when over --max-request-bytes, so the
+    status in the audit line is the one the client gets, also when the answer cannot be sent.
+    A RESOURCE_EXHAUSTED with a retry hint sends it as trailing metadata ``retry-after-ms``.
     """
 
     def decorate(fn):
@@ -101,8 +111,7 @@ def rpc(method: str, *, admitted: bool = True):
                     record.image_height, record.image_width = summary.image_size
                 if model is not None:
                     self.authenticator.authorize(principal, model)
-                response = await self._run(fn, request, context, Call(principal, model), admitted)
-                size = convert.response_size(response)
+                response, size = await self._run(fn, request, context, Call(principal, model), admitted, prepare)
                 if size is not None:
                     record.image_height, record.image_width = size
                 return response
@@ -120,7 +129,16 @@ def rpc(method: str, *, admitted: bool = True):
                               exc_info=exc)
                 else:
                     log.info("request %s %s -> %s", request_id, method, code.name)
-                await context.abort(code, client_message(exc, request_id))
+                trailing = [("x-request-id", request_id)]
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    record.reason = getattr(exc, "reason", None) or "limit"
+                    if not isinstance(exc, Refused) and getattr(exc, "reason", None):
+                        self.admission.count_rejection(exc.reason)  # admission counts its own
+                    retry_after_s = getattr(exc, "retry_after_s", None)
+                    if retry_after_s is not None:
+                        trailing.append(("retry-after-ms", str(max(1, math.ceil(retry_after_s * 1000)))))
+                context.set_trailing_metadata(tuple(trailing))
+                await context.abort(code, client_message(exc, request_id), tuple(trailing))
             finally:
                 elapsed = time.perf_counter() - start
                 metrics.inflight.labels(metrics.backend).dec()
@@ -134,6 +152,14 @@ def rpc(method: str, *, admitted: bool = True):
     return decorate
 
 
+def _already_serialised(serialize):
+    """gRPC's response serializer: the handlers return bytes they serialised themselves."""
+    def passthrough(response) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return passthrough
+
+
 class SegmentationServicer(pb_grpc.SegmentationServicer):
     """Each method: convert the request (:mod:`service.edge.convert`), call the gateway,
     convert the result. Requests and responses are ``medseg.v1`` messages, handled only by
@@ -144,37 +170,86 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.gateway = gateway
         self.authenticator = authenticator or Authenticator()
         settings = gateway.settings
-        self.admission = admission or Admission(settings.max_inflight, settings.max_queue)
+        self.admission = admission or Admission.from_settings(settings)
+        self._serializers = {name: serialize for name, (_, serialize) in convert.segmentation_codecs().items()}
 
-    async def _run(self, fn, request, context: grpc.aio.ServicerContext, call: Call, admitted: bool):
+    async def _run(self, fn, request, context: grpc.aio.ServicerContext, call: Call, admitted: bool, prepare=None):
         """``fn`` under the client's deadline (also handed to the backend, see service.edge.deadline),
-        inside an admission slot when ``admitted``. A call without a deadline waits for a slot
-        at most --backend-timeout-s."""
+        inside an admission slot when ``admitted``, its answer serialised and checked against the
+        send limit; returns (serialised answer, image size for the audit line or ``None``). A call
+        without a deadline waits for a slot at most --backend-timeout-s.
+
+        Admitted calls run with a :class:`work.CallWork` (the deadline, the send limit, memory
+        growth through the admission grant): their threads stop at the next stage once the
+        call is abandoned, and the slot is given back when the last of them has ended."""
         remaining = context.time_remaining()
         if remaining is not None:  # finish (with DEADLINE_EXCEEDED) just before the client gives up
             remaining = max(0.0, remaining - DEADLINE_MARGIN_S)
+        settings = self.gateway.settings
+        serialize = self._serializers[fn.__name__]
         with deadline.bounded(remaining):
             try:
                 async with asyncio.timeout(remaining) as limit:
                     if not admitted:
-                        return await fn(self, request, context, call)
-                    wait = remaining if remaining is not None else self.gateway.settings.backend_timeout_s
-                    async with self.admission.slot(wait):
-                        return await fn(self, request, context, call)
+                        return await self._answer(await fn(self, request, context, call), serialize, False)
+                    prepared, estimate = (request, None) if prepare is None else prepare(self, request, call)
+                    wait = remaining if remaining is not None else settings.backend_timeout_s
+                    calls = work.CallWork(None if remaining is None else time.monotonic() + remaining,
+                                          answer_limit=settings.max_request_bytes)
+                    async with self.admission.slot(wait, caller=call.principal.caller,
+                                                   memory=0 if estimate is None else estimate.total,
+                                                   work=calls) as grant:
+                        calls.use_reserve(grant.grow)
+                        with work.bound(calls):
+                            return await self._answer(await fn(self, prepared, context, call), serialize, True)
             except TimeoutError as exc:
                 if limit.expired():
                     raise errors.DeadlineExceeded("the call's deadline passed before it finished") from exc
                 raise
 
-    @rpc("Segment")
-    async def Segment(self, request, context, call: Call):
-        req = convert.segment_request_from_proto(request, call.model)
-        result = await self.gateway.segment(req)
-        return await asyncio.to_thread(convert.segment_response_to_proto, result, req.encoding)
+    async def _answer(self, message, serialize, in_thread: bool) -> tuple[bytes, tuple[int, int] | None]:
+        """The answer's bytes (serialised here, not by gRPC after the handler returned, so a
+        failure is this call's status) and its image size, refused over the send limit."""
+        size = convert.response_size(message)
+        payload = await work.run_in_thread(serialize, message) if in_thread else serialize(message)
+        del message
+        limit = self.gateway.settings.max_request_bytes
+        if len(payload) > limit:
+            raise request_memory.AnswerTooLarge(f"the answer is {len(payload)} bytes; the gateway sends at most "
+                                                f"{limit} bytes (--max-request-bytes): send fewer prompts or a "
+                                                "smaller image, or ask for PNG or COCO RLE masks")
+        return payload, size
 
-    @rpc("EmbedImage")
-    async def EmbedImage(self, request, context, call: Call):
-        result = await self.gateway.embed(call.model, convert.embed_image_from_proto(request))
+    def _limits(self):
+        settings = self.gateway.settings
+        return settings.image_limits, settings.max_request_bytes
+
+    def _prepare_segment(self, request, call: Call):
+        """Before admission: the domain request and its memory estimate (refuses, before any
+        work, an answer that cannot fit the send limit)."""
+        req = convert.segment_request_from_proto(request, call.model)
+        limits, answer_limit = self._limits()
+        return req, request_memory.segment_estimate(req, limits, answer_limit)
+
+    def _prepare_embed(self, request, call: Call):
+        image = convert.embed_image_from_proto(request)
+        return image, request_memory.embed_estimate(image, self._limits()[0])
+
+    def _cache_scope(self, call: Call) -> str:
+        """Whose cached images and ids this call sees (tenant isolation, ``--cache-scope``)."""
+        principal = call.principal
+        return self.gateway.cache_scope(None if principal.scheme == "none" else principal.caller)
+
+    @rpc("Segment", prepare=_prepare_segment)
+    async def Segment(self, req, context, call: Call):
+        """``req``: the domain request (see :meth:`_prepare_segment`)."""
+        result = await self.gateway.segment(req, self._cache_scope(call))
+        return await work.run_in_thread(convert.segment_response_to_proto, result, req.encoding)
+
+    @rpc("EmbedImage", prepare=_prepare_embed)
+    async def EmbedImage(self, image, context, call: Call):
+        """``image``: the domain image (see :meth:`_prepare_embed`)."""
+        result = await self.gateway.embed(call.model, image, self._cache_scope(call))
         return convert.embed_response_to_proto(result)
 
     @rpc("ListModels", admitted=False)
@@ -187,7 +262,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         parsers that never raise (see :class:`service.edge.convert.Undecodable`)."""
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(getattr(self, name), request_deserializer=parse,
-                                                      response_serializer=serialize)
+                                                      response_serializer=_already_serialised(serialize))
             for name, (parse, serialize) in convert.segmentation_codecs().items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(convert.SERVICE_NAME, handlers),))

@@ -30,8 +30,16 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# A status message travels in the trailing headers, whose size the client bounds (8 KiB by
+# default): a longer one would turn the status into a transport RESOURCE_EXHAUSTED there.
+# Messages quote request text only through errors.shorten; this is the backstop.
+MAX_MESSAGE_CHARS = 1024
+
+
 def client_message(exc: BaseException, request_id: str) -> str:
-    """Message sent to the client: the domain message, or a generic one for bugs."""
+    """Message sent to the client: the domain message (at most :data:`MAX_MESSAGE_CHARS`),
+    or a generic one for bugs."""
     if isinstance(exc, errors.ServiceError) and not isinstance(exc, errors.BackendError):
-        return exc.message
+        message = exc.message
+        return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 1] + "\u2026"
     return INTERNAL_MESSAGE.format(request_id=request_id)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import replace
 from typing import Awaitable, Callable
+
+import numpy as np
 
 from service.core import errors
 from service.core.errors import StartupError
 from service.backends.base import Backend
 from service.core.domain import EmbedResult, ImageInput, ModelInfo, SegmentRequest, SegmentResult
-from service.inference.cache import ImageCache
+from service.inference.cache import ImageCache, scope_for, scoped
+from service.inference import model_choice
 from service.inference.observer import Observer
 from service.backends.repository import SamModel, SegmenterModel, discover
 from service.inference.pipeline import SamPipeline
@@ -31,9 +36,15 @@ class Gateway:
         if not models:
             raise StartupError(f"no servable models in {settings.model_repository!s}; "
                                "run `python -m export medsam_lite` (or `make models`) first")
-        if settings.default_model not in models:
+        if settings.default_model != model_choice.AUTO and settings.default_model not in models:
             raise StartupError(f"default model {settings.default_model!r} is not in the repository "
                                f"(found: {', '.join(sorted(models))})")
+        self.cpu_flags = model_choice.cpu_flags()
+        try:  # provisional (unmeasured) until start() has timed the candidates
+            self.default_choice = model_choice.choose(settings.default_model, list(models), self.cpu_flags,
+                                                      unmeasured_because="not measured yet")
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
         self.cache = ImageCache(settings.cache_bytes, settings.cache_ttl_s, on_change=metrics.cache_changed)
         self.pipelines = {
             name: _PIPELINES[type(model)](model, backend, self.cache, metrics, settings.image_limits,
@@ -72,7 +83,57 @@ class Gateway:
                 await asyncio.sleep(START_RETRY_S)
             except errors.ServiceError as exc:
                 raise StartupError(exc.message) from exc
+        await self._choose_default()
         await self._set_ready(True)
+
+    @property
+    def default_model(self) -> str:
+        """The model a call naming none gets: ``--default-model``, or with ``auto`` the choice
+        of :mod:`service.inference.model_choice` (measured in :meth:`start`)."""
+        return self.default_choice.model
+
+    async def _choose_default(self) -> None:
+        """With ``--default-model auto``: time the candidates' encoders through the backend and
+        keep the fastest (see :mod:`service.inference.model_choice`); mark it in ListModels."""
+        requested = self.settings.default_model
+        pool = model_choice.candidates(self.pipelines, self.cpu_flags)
+        seconds, because = None, ""
+        if requested == model_choice.AUTO and len(pool) > 1:
+            if self.settings.default_model_runs < 1:
+                because = "measuring off: --default-model-runs 0"
+            else:
+                try:
+                    seconds = await self._time_encoders(pool, self.settings.default_model_runs)
+                except errors.ServiceError as exc:
+                    because = f"measuring through the {self.backend.name} backend failed: {exc.message}"
+        self.default_choice = choice = model_choice.choose(requested, list(self.pipelines), self.cpu_flags,
+                                                           seconds, because)
+        how = (f", best of {self.settings.default_model_runs} encoder runs each through the {self.backend.name} "
+               "backend's infer" if choice.measured else "")
+        log.info("default model: %s (%s%s)", choice.model, choice.reason, how)
+        for name, pipeline in self.pipelines.items():
+            info = replace(pipeline.info, is_default=name == choice.model)
+            if name == choice.model:
+                info = replace(info, description=f"{info.description}; default model on this machine: {choice.reason}")
+            pipeline.info = info
+
+    async def _time_encoders(self, models: list[str], runs: int) -> dict[str, float]:
+        """Best seconds of ``runs`` encoder calls of each of ``models`` (interleaved, so drift
+        in the machine's load hits all alike), on the warm-up image, through ``backend.infer``."""
+        best = {m: float("inf") for m in models}
+        calls = {}
+        for name in models:
+            predictor = self.pipelines[name].predictor
+            size = predictor.input_size
+            ramp = np.linspace(0.0, 1.0, size * size, dtype=np.float32).reshape(size, size)
+            calls[name] = predictor.encoder_call(ramp)[0]
+        for _ in range(runs):
+            for name in models:
+                call = calls[name]
+                start = time.perf_counter()
+                await self.backend.infer(call.model, call.inputs, call.outputs, self.settings.backend_timeout_s)
+                best[name] = min(best[name], time.perf_counter() - start)
+        return best
 
     async def watch_backend(self, interval_s: float = 1.0) -> None:
         """Follow the backend's readiness (health goes NOT_SERVING and back without a restart)."""
@@ -85,11 +146,12 @@ class Gateway:
             await self._set_ready(ready)
 
     def model_name(self, requested: str) -> str:
-        """The model a call means: the name it sends, or --default-model when it sends none.
+        """The model a call means: the name it sends, or the default model (:attr:`default_model`:
+        ``--default-model``, or the one chosen at start-up for ``auto``) when it sends none.
 
         The one place the default applies: the servicer resolves each call's model here once,
         and authorisation, the audit line and the request all use the result."""
-        return requested or self.settings.default_model
+        return requested or self.default_model
 
     def serves(self, model: str) -> bool:
         return model in self.pipelines
@@ -97,7 +159,7 @@ class Gateway:
     def pipeline(self, model: str) -> SamPipeline:
         pipeline = self.pipelines.get(model)
         if pipeline is None:
-            raise errors.ModelNotFound(f"model {model!r} is not served here; ListModels shows "
+            raise errors.ModelNotFound(f"model {errors.shorten(model)} is not served here; ListModels shows "
                                        f"{', '.join(sorted(self.pipelines))}")
         if not self.ready:
             raise errors.Unavailable("models are loading or the backend is not ready; retry when "
@@ -107,12 +169,20 @@ class Gateway:
     def list_models(self) -> list[ModelInfo]:
         return [p.info for p in self.pipelines.values()]
 
-    async def segment(self, request: SegmentRequest) -> SegmentResult:
-        return await self.pipeline(request.model).segment(request)
+    def cache_scope(self, caller: str | None) -> str:
+        """The cache scope of ``caller``'s calls (``None``: authentication is off) under
+        ``--cache-scope``: its own entries and ids, its tenant's, or one shared scope."""
+        return scope_for(caller, self.settings.cache_scope)
 
-    async def embed(self, model: str, image: ImageInput) -> EmbedResult:
+    async def segment(self, request: SegmentRequest, scope: str = "") -> SegmentResult:
+        """``request`` with the entries and ids of cache ``scope`` (see :meth:`cache_scope`)."""
+        with scoped(scope):
+            return await self.pipeline(request.model).segment(request)
+
+    async def embed(self, model: str, image: ImageInput, scope: str = "") -> EmbedResult:
         pipeline = self.pipeline(model)
-        image_id, entry, cached = await pipeline.embed(image)
+        with scoped(scope):
+            image_id, entry, cached = await pipeline.embed(image)
         return EmbedResult(pipeline.info, image_id, entry.frame.height, entry.frame.width, cached)
 
     async def close(self) -> None:

@@ -5,20 +5,26 @@ decode image -> preprocess -> encode (cached) -> validate prompts -> decode mask
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import time
+from typing import Awaitable
 
 import numpy as np
 
 from service.core import errors
 from service.backends.base import Backend
-from service.core.domain import (Box, DecodedImage, ImageInput, ImageLimits, MaskResult, ModelInfo, Prompt,
-                            SegmentRequest, SegmentResult)
+from service.core.domain import (Box, DecodedImage, ImageInput, ImageLimits, MaskEncoding, MaskResult, ModelInfo,
+                            Prompt, SegmentRequest, SegmentResult)
+from service.inference import work
 from service.inference.cache import CachedOutput, ImageCache
 from service.core.imageio import decode_image
 from service.inference.observer import Observer
 from service.backends.repository import SamModel
 from service.core.geometry import Frame
+from service.core.mask_codec import encode_mask
+from service.core.request_memory import (LOW_RES_DEFAULT, MASK_BYTES_PER_PIXEL, MASK_OVERHEAD, AnswerTooLarge,
+                                         segment_estimate)
 from service.inference.predictor import DECODER_PROMPT_INPUTS, Embedding, SamPredictor  # noqa: F401
 
 
@@ -27,6 +33,63 @@ def content_hash(pixels: np.ndarray) -> str:
     digest = hashlib.sha256(repr((pixels.shape, str(pixels.dtype))).encode())
     digest.update(np.ascontiguousarray(pixels).data)
     return digest.hexdigest()[:32]
+
+
+# Prompts per mask-decoder run. ONNX Runtime's CPU arena grows by ~32 MiB per prompt in one
+# run and keeps it (measured: one run of 32 prompts, +1 GiB RSS for good; 4 prompts, ~+0.1 GiB),
+# so a request's decoder memory is bounded by this, not by its prompt count.
+DECODER_BATCH = 4
+
+
+class SharedEncode:
+    """The single-flight encode of one image, which several calls may wait for: it belongs to
+    none of them.
+
+    It runs as a task of its own, in a context of its own (no caller's deadline, cache scope
+    or :class:`work.CallWork`; it has its own, so its threads stop when it is stopped), bounded
+    by the backend's configured timeout. Every waiter, the first included, awaits it shielded,
+    under its own deadline: a waiter that is cancelled or whose deadline passes leaves alone,
+    and the others keep waiting. When the last waiter has left, the work is stopped (nobody
+    would use it) and removed, so the next call for that image starts afresh.
+    """
+
+    def __init__(self, key: tuple, coro: Awaitable[CachedOutput], pending: dict) -> None:
+        self.key, self._pending = key, pending
+        self.work = work.CallWork()
+        self.waiters = 0
+        self.task = asyncio.get_running_loop().create_task(self._run(coro), context=contextvars.Context())
+        self.task.add_done_callback(self._done)
+
+    async def _run(self, coro: Awaitable[CachedOutput]) -> CachedOutput:
+        with work.bound(self.work):
+            return await coro
+
+    def _done(self, task: asyncio.Task) -> None:
+        if self._pending.get(self.key) is self:
+            del self._pending[self.key]
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter re-raises it, nobody else must log it
+
+    def stop(self) -> None:
+        self.work.abandon()
+        self.task.cancel()
+        if self._pending.get(self.key) is self:
+            del self._pending[self.key]
+
+    async def wait(self) -> CachedOutput:
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self.task.cancelled() and not (me is not None and me.cancelling()):
+                # stopped while this waiter still waited (shutdown): a status, never silence
+                raise errors.Unavailable("the encoding of this image was stopped; retry") from None
+            raise
+        finally:
+            self.waiters -= 1
+            if self.waiters == 0 and not self.task.done():
+                self.stop()
 
 
 class CachedPipeline:
@@ -43,7 +106,7 @@ class CachedPipeline:
         self.info = info
         self._backend, self._cache, self._metrics = backend, cache, metrics
         self._limits, self._max_prompts, self._timeout = limits, max_prompts, timeout_s
-        self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
+        self._pending: dict[tuple, SharedEncode] = {}
 
     async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
         raise NotImplementedError
@@ -51,6 +114,9 @@ class CachedPipeline:
     def _decode(self, image: ImageInput) -> tuple[DecodedImage, str, float]:
         start = time.perf_counter()
         decoded = decode_image(image, self._limits)
+        call = work.current()
+        if call is not None:
+            call.check("hashing the image")
         key = content_hash(decoded.pixels)
         return decoded, key, time.perf_counter() - start
 
@@ -71,34 +137,49 @@ class CachedPipeline:
     async def _embed(self, image: ImageInput, request: SegmentRequest | None
                      ) -> tuple[str, CachedOutput, bool, list[Prompt] | None]:
         """:meth:`embed`, plus the request's checked prompts (``None`` without a request)."""
-        decoded, image_hash, seconds = await asyncio.to_thread(self._decode, image)
+        decoded, image_hash, seconds = await work.run_in_thread(self._decode, image)
         checked = None
         if request is not None:
             checked = self.check_request(request, Frame(decoded.height, decoded.width, self.info.input_size))
         self._metrics.observe_stage("decode_image", self.info.name, seconds)
-        key = (self.info.name, self.info.version, image_hash)
+        # the id this caller's scope sees (HMAC, see service.inference.cache), and its entry's key
+        image_hash = self._cache.image_id(self.info.name, self.info.version, image_hash)
+        key = self._cache.key(self.info.name, self.info.version, image_hash)
         cached = self._cache.get(key)
         if cached is not None:
             self._metrics.cache_hit(self.info.name)
             return image_hash, cached, True, checked
-        pending = self._pending.get(key)
-        if pending is not None:  # the same image is being encoded for another request
+        call = work.current()
+        if call is not None:
+            call.check("encoding the image")
+        shared = self._pending.get(key)
+        joined = shared is not None
+        if joined:  # the same image is being encoded for another request
             self._metrics.cache_hit(self.info.name)
-            return image_hash, await asyncio.shield(pending), True, checked
-        self._metrics.cache_miss(self.info.name)
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            embedding, frame = await self._encode(decoded)
-            entry = self._cache.put(key, embedding, frame)
-            future.set_result(entry)
-            return image_hash, entry, False, checked
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it, nobody else must
-            raise
-        finally:
-            del self._pending[key]
+        else:
+            self._metrics.cache_miss(self.info.name)
+            shared = self._pending[key] = SharedEncode(key, self._encode_into(key, decoded), self._pending)
+        del decoded  # the shared work holds it as long as it needs it
+        entry = await shared.wait()
+        return image_hash, entry, joined, checked
+
+    async def _encode_into(self, key: tuple, decoded: DecodedImage) -> CachedOutput:
+        """Encode ``decoded`` and cache the result under ``key`` (run as a :class:`SharedEncode`)."""
+        embedding, frame = await self._encode(decoded)
+        return self._cache.put(key, embedding, frame)
+
+    async def _reserve_masks(self, request: SegmentRequest, frame: Frame, masks: int,
+                             low_res: tuple[int, int] = LOW_RES_DEFAULT, mask_factor: int = MASK_BYTES_PER_PIXEL) -> None:
+        """Before any mask is computed: refuse an answer that cannot fit the call's send limit,
+        and charge the call what its masks and answer need (now that the image size is known:
+        a call on an ``image_id`` learns it only here)."""
+        call = work.current()
+        if call is None:
+            return
+        call.check("decoding masks")
+        estimate = segment_estimate(request, self._limits, call.answer_limit, frame.height, frame.width, masks,
+                                    low_res, mask_factor, decode=False)
+        await call.reserve(estimate.total)
 
     async def resolve(self, request: SegmentRequest) -> tuple[str, CachedOutput, list[Prompt]]:
         """The request's cached entry, by ``image_id`` or by decoding (and encoding) its image,
@@ -112,10 +193,10 @@ class CachedPipeline:
         raise errors.InvalidArgument("send an image or an image_id")
 
     def lookup(self, image_id: str) -> CachedOutput:
-        entry = self._cache.get((self.info.name, self.info.version, image_id))
+        entry = self._cache.get(self._cache.key(self.info.name, self.info.version, image_id))
         if entry is None:
-            raise errors.ImageNotFound(f"image_id {image_id!r} is unknown to model {self.info.name!r} or has "
-                                       "expired from the cache; send the image again (EmbedImage or Segment)")
+            raise errors.ImageNotFound(f"image_id {errors.shorten(image_id)} is unknown to model {self.info.name!r} "
+                                       "or has expired from the cache; send the image again (EmbedImage or Segment)")
         self._metrics.cache_hit(self.info.name)
         return entry
 
@@ -136,7 +217,10 @@ class SamPipeline(CachedPipeline):
     async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
         name = self.info.name
         with self._metrics.stage("preprocess", name):
-            call, frame = await asyncio.to_thread(self.predictor.encoder_call, decoded.pixels)
+            call, frame = await work.run_in_thread(self.predictor.encoder_call, decoded.pixels)
+        current = work.current()
+        if current is not None:
+            current.check("the image encoder")
         with self._metrics.stage("encoder", name):
             out = await self._backend.infer(call.model, call.inputs, call.outputs, self._timeout)
         return self.predictor.embedding(out, frame).tensor, frame
@@ -144,26 +228,61 @@ class SamPipeline(CachedPipeline):
     def check_request(self, request: SegmentRequest, frame: Frame) -> list[Prompt]:
         return self.predictor.check_prompts(request.prompts, frame, self._max_prompts)
 
-    async def decode_masks(self, entry: CachedOutput, checked: list[Prompt],
-                           return_low_res_logits: bool = False) -> list[MaskResult]:
-        """Masks for prompts already checked by :meth:`check_request` against ``entry``'s image."""
+    async def decode_masks(self, entry: CachedOutput, checked: list[Prompt], return_low_res_logits: bool = False,
+                           encoding: MaskEncoding | None = None) -> list[MaskResult]:
+        """Masks for prompts already checked by :meth:`check_request` against ``entry``'s image.
+
+        Upsampled and thresholded one prompt at a time (the float32 logits at input size exist
+        for one prompt only); with ``encoding`` each mask is also encoded for the wire at once
+        and only its bytes are kept (:attr:`MaskResult.encoded`), so the memory of this step is
+        O(H*W), not O(prompts*H*W). The answer is refused as soon as it would exceed the call's
+        send limit (:attr:`work.CallWork.answer_limit`), before the remaining masks are computed.
+        """
         frame = entry.frame
         embedding = Embedding(entry.output, frame)
+        current = work.current()
         with self._metrics.stage("mask_decoder", self.info.name):
             results = []
-            for indices, call in self.predictor.decoder_calls(embedding, checked):
-                results.append((indices, await self._backend.infer(call.model, call.inputs, call.outputs,
-                                                                   self._timeout)))
+            for start in range(0, len(checked), DECODER_BATCH):
+                if current is not None:
+                    current.check(f"the mask decoder (prompt {start})")
+                for indices, call in self.predictor.decoder_calls(embedding, checked[start:start + DECODER_BATCH]):
+                    out = await self._backend.infer(call.model, call.inputs, call.outputs, self._timeout)
+                    results.append(([start + i for i in indices], out))
             logits, ious = self.predictor.logits_from(results, len(checked))
+        del results
+        limit = current.answer_limit if current is not None else None
         with self._metrics.stage("postprocess", self.info.name):
-            masks = await asyncio.to_thread(self.predictor.masks, logits, frame)
-        keep = return_low_res_logits
-        return [MaskResult(masks[i], float(np.clip(ious[i], 0.0, 1.0)), logits[i].copy() if keep else None)
-                for i in range(len(checked))]
+            return await work.run_in_thread(self._masks, logits, ious, frame, return_low_res_logits, encoding, limit)
+
+    def _masks(self, logits: np.ndarray, ious: np.ndarray, frame: Frame, keep_logits: bool,
+               encoding: MaskEncoding | None, limit: int | None) -> list[MaskResult]:
+        call = work.current()
+        out: list[MaskResult] = []
+        total = 0
+        for i in range(len(logits)):
+            if call is not None:
+                call.check(f"mask {i}")
+            mask = self.predictor.upsample(logits[i:i + 1], frame)[0] > 0.0
+            low = logits[i].copy() if keep_logits else None
+            iou = float(np.clip(ious[i], 0.0, 1.0))
+            if encoding is None:
+                out.append(MaskResult(mask, iou, low))
+                continue
+            data, area = encode_mask(mask, encoding), int(np.count_nonzero(mask))
+            del mask
+            total += len(data) + MASK_OVERHEAD + (0 if low is None else low.nbytes + 32)
+            if limit is not None and total > limit:
+                raise AnswerTooLarge(f"the answer would be over {limit} bytes after {i + 1} of {len(logits)} "
+                                     f"{encoding.value} masks of {frame.width}x{frame.height}; the gateway sends at "
+                                     "most that (--max-request-bytes): send fewer prompts or a smaller image")
+            out.append(MaskResult(None, iou, low, encoded=data, area=area))
+        return out
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
         image_id, entry, checked = await self.resolve(request)
-        masks = await self.decode_masks(entry, checked, request.return_low_res_logits)
+        await self._reserve_masks(request, entry.frame, len(checked), self.predictor.low_res)
+        masks = await self.decode_masks(entry, checked, request.return_low_res_logits, request.encoding)
         return SegmentResult(self.info, image_id, entry.frame.height, entry.frame.width, tuple(masks))
 
     async def warmup(self) -> None:

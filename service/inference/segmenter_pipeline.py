@@ -7,13 +7,14 @@ same ``image_id`` (another mask encoding, say) costs no model call.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
 from service.core import errors
 from service.backends.base import Backend
-from service.core.domain import DecodedImage, ImageLimits, MaskResult, SegmentRequest, SegmentResult
+from service.core.domain import DecodedImage, ImageLimits, MaskEncoding, MaskResult, SegmentRequest, SegmentResult
+from service.core.mask_codec import encode_mask
+from service.core.request_memory import MASK_BYTES_PER_PIXEL, MASK_OVERHEAD, AnswerTooLarge
+from service.inference import work
 from service.inference.cache import ImageCache
 from service.inference.observer import Observer
 from service.backends.repository import SegmenterModel
@@ -34,7 +35,10 @@ class SegmenterPipeline(CachedPipeline):
     async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
         name = self.info.name
         with self._metrics.stage("preprocess", name):
-            tensor, frame = await asyncio.to_thread(preprocess, decoded.pixels, self.info.input_size)
+            tensor, frame = await work.run_in_thread(preprocess, decoded.pixels, self.info.input_size)
+        current = work.current()
+        if current is not None:
+            current.check("the segmenter")
         with self._metrics.stage("segmenter", name):
             out = await self._backend.infer(self.model.entry.name, {self._input: tensor}, [self._output],
                                             self._timeout)
@@ -48,11 +52,25 @@ class SegmenterPipeline(CachedPipeline):
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
         image_id, entry, _ = await self.resolve(request)
+        # upsampling works on every class channel at input size (argmax over more than two)
+        channels = int(entry.output.shape[1]) if entry.output.ndim == 4 else 1
+        await self._reserve_masks(request, entry.frame, 1, mask_factor=MASK_BYTES_PER_PIXEL * max(1, channels - 1))
+        current = work.current()
+        limit = current.answer_limit if current is not None else None
         with self._metrics.stage("postprocess", self.info.name):
-            mask = await asyncio.to_thread(postprocess, entry.output, entry.frame)
-        # A segmenter has no IoU head: predicted_iou is 0 (documented in the proto).
-        result = MaskResult(mask, 0.0, None)
+            result = await work.run_in_thread(self._mask, entry, request.encoding, limit)
         return SegmentResult(self.info, image_id, entry.frame.height, entry.frame.width, (result,))
+
+    @staticmethod
+    def _mask(entry, encoding: MaskEncoding, limit: int | None) -> MaskResult:
+        mask = postprocess(entry.output, entry.frame)
+        # A segmenter has no IoU head: predicted_iou is 0 (documented in the proto).
+        data, area = encode_mask(mask, encoding), int(np.count_nonzero(mask))
+        if limit is not None and len(data) + MASK_OVERHEAD > limit:
+            raise AnswerTooLarge(f"the answer would be over {limit} bytes ({encoding.value} mask of "
+                                 f"{entry.frame.width}x{entry.frame.height}); the gateway sends at most that "
+                                 "(--max-request-bytes)")
+        return MaskResult(None, 0.0, None, encoded=data, area=area)
 
     async def warmup(self) -> None:
         size = self.info.input_size

@@ -22,10 +22,15 @@ import json
 import logging
 import logging.handlers
 import sys
+import traceback
+import warnings
 from dataclasses import asdict, dataclass
 
 AUDIT_LOGGER = "medseg.audit"
 UNKNOWN_MODEL = "(unknown)"
+# Loggers whose text the gateway writes itself (fixed messages, typed values, no file content).
+OWN_LOGGERS = ("service", "medseg", "__main__")
+WITHHELD = "(text withheld: a library's message may quote file contents)"
 
 
 @dataclass
@@ -42,6 +47,9 @@ class AuditRecord:
     image_height: int | None = None
     image_width: int | None = None
     status: str = "UNKNOWN"
+    # why a RESOURCE_EXHAUSTED call was refused (queue_full, caller_rate, caller_inflight,
+    # request_memory, abandoned, answer_size, limit), else None
+    reason: str | None = None
     latency_ms: float = 0.0
 
     def line(self, now: dt.datetime | None = None) -> str:
@@ -71,3 +79,74 @@ def configure(destination: str = "-") -> logging.Logger:
 
 def write(record: AuditRecord) -> None:
     logging.getLogger(AUDIT_LOGGER).info(record.line())
+
+
+# --- the log policy: no patient data through any logger ----------------------------------------
+#
+# Decoder libraries (tifffile, Pillow, pydicom, nibabel) put file contents in their warnings
+# and log records: a TIFF ImageDescription, a DICOM PatientName, a PNG text chunk, Pillow's
+# DEBUG dump of every TIFF tag value. So every record reaching a handler of the root logger
+# goes through :class:`PatientDataFilter`: the gateway's own loggers (:data:`OWN_LOGGERS`)
+# keep their text, any other logger keeps only its name and level, Python warnings (captured
+# into logging) only their category and the code that raised them, and a traceback, from any
+# logger, keeps its frames and exception types but never an exception's message.
+
+
+def _is_own(name: str) -> bool:
+    return any(name == own or name.startswith(own + ".") for own in OWN_LOGGERS)
+
+
+def _traceback_without_messages(exc: BaseException) -> str:
+    """Frames and exception types of ``exc`` and its chain, without any exception's text."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    parts = ["Traceback (most recent call last):\n" + "".join(traceback.format_tb(e.__traceback__))
+             + f"{type(e).__module__}.{type(e).__qualname__}: {WITHHELD}" for e in reversed(chain)]
+    return "\n\nwhich then led to:\n\n".join(parts)
+
+
+class PatientDataFilter(logging.Filter):
+    """Rewrites records so that no library text (which may quote a file) reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "medseg_clean", False):  # already rewritten (a record meets several handlers)
+            return True
+        record.medseg_clean = True
+        own = _is_own(record.name)
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = _traceback_without_messages(record.exc_info[1])
+            record.exc_info = None
+        elif record.exc_text and not own:
+            record.exc_text = None
+        if own:
+            return True
+        record.stack_info = None
+        if record.name == "py.warnings":
+            category, where = getattr(record, "medseg_warning", ("Warning", "?"))
+            record.msg, record.args = f"{category} from {where} {WITHHELD}", ()
+        else:
+            record.msg, record.args = WITHHELD, ()
+        return True
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` into the ``py.warnings`` logger, carrying only what is safe."""
+    logger = logging.getLogger("py.warnings")
+    where = f"{filename}:{lineno}"
+    logger.warning("%s", WITHHELD, extra={"medseg_warning": (category.__name__, where)})
+
+
+def install_log_policy() -> None:
+    """Put :class:`PatientDataFilter` on every handler of the root logger and of any library
+    logger that brought its own (nibabel does), and send Python warnings through logging, text
+    withheld. Call after ``logging.basicConfig`` and the gateway's imports. Idempotent."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, PatientDataFilter) for f in handler.filters):
+                handler.addFilter(PatientDataFilter())
+    warnings.showwarning = _showwarning

@@ -302,7 +302,8 @@ class Authenticator:
     @staticmethod
     def authorize(principal: Principal, model: str) -> None:
         if not principal.may_use(model):
-            raise errors.PermissionDenied(f"caller {principal.caller!r} may not use model {model!r}")
+            raise errors.PermissionDenied(f"caller {errors.shorten(principal.caller)} may not use model "
+                                         f"{errors.shorten(model)}")
 
 
 def _existing(path: str, what: str) -> Path:

@@ -4,7 +4,7 @@ sees the request counter, the latency histogram and Triton's inference counter m
 Everything runs on 127.0.0.1: the gateway (tests/harness.py's GatewayProcess, ephemeral
 ports), Prometheus (Debian's binary, a free port, 1 s scrape interval, readiness polled on
 /-/ready, stopped by PID). The `stack` fixture is parametrized by backend: "embedded" runs
-now; "triton" needs a TritonProcess in tests/harness.py (marked TRITON below).
+now; "triton" runs the harness's TritonProcess (marked TRITON below).
 """
 
 from __future__ import annotations
@@ -41,12 +41,10 @@ def stack(request, tmp_path_factory):
     triton = gateway = prometheus = None
     try:
         if request.param == "triton":
-            # TRITON: the Triton target joins here, through tests/harness.py's TritonProcess
-            # (start() returns once /v2/health/ready answers; grpc_target, metrics_port, stop()).
-            triton_process = getattr(harness, "TritonProcess", None)
-            if triton_process is None:
-                pytest.skip("tests/harness.py has no TritonProcess yet: the Triton scrape runs once it lands")
-            triton = triton_process(tmp / "triton")
+            # TRITON: the Triton target joins here, through the harness's TritonProcess (start()
+            # returns once /v2/health/ready answers; grpc_target, metrics_port, stop()). A renamed
+            # class fails here with AttributeError, never a skip.
+            triton = harness.TritonProcess(tmp / "triton")
             triton.start()
             jobs[TRITON_JOB] = f"127.0.0.1:{triton.metrics_port}"
             backend_args = ["--backend", "triton", "--triton-url", triton.grpc_target]

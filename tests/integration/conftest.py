@@ -19,11 +19,15 @@ def model_repository():
 
 @pytest.fixture(scope="session")
 def gateway(model_repository, tmp_path_factory):
-    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), "--backend", "embedded",
+    # fp32 pinned (--default-model auto may choose a faster variant): these tests check the
+    # fp32 model's answers against PyTorch; tests/integration/test_default_model.py tests auto.
+    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), "--backend", "embedded", "--default-model", "medsam_lite",
                           "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-prompts", "8")
-    proc.start().wait_serving()
-    yield proc
-    proc.stop()
+    try:  # a start or warm-up that fails still stops the process
+        proc.start().wait_serving()
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")
@@ -35,17 +39,22 @@ def client(gateway):
 @pytest.fixture(scope="session")
 def triton(model_repository, tmp_path_factory):
     """A real tritonserver (nvidia-pytriton wheel, python backend + ONNX Runtime) on loopback."""
-    proc = TritonProcess(tmp_path_factory.mktemp("triton")).start()
-    yield proc
-    proc.stop()
+    proc = TritonProcess(tmp_path_factory.mktemp("triton"))
+    try:  # start() kills what it started when it fails; stop() covers everything after
+        proc.start()
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")
 def triton_gateway(triton, tmp_path_factory):
     """A second real gateway, ``--backend triton``, in front of the ``triton`` fixture."""
     proc = GatewayProcess(tmp_path_factory.mktemp("gateway-triton"), "--backend", "triton",
-                          "--triton-url", triton.grpc_target, "--max-prompts", "8",
+                          "--triton-url", triton.grpc_target, "--max-prompts", "8", "--default-model", "medsam_lite",
                           "--backend-timeout-s", "120")
-    proc.start().wait_serving()
-    yield proc
-    proc.stop()
+    try:
+        proc.start().wait_serving()
+        yield proc
+    finally:
+        proc.stop()

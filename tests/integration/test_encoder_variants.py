@@ -40,11 +40,16 @@ def variant_repository(model_repository, tmp_path_factory, shared_data):
 @pytest.fixture(scope="module")
 def variant_gateway(variant_repository, tmp_path_factory):
     # The limits of the shared gateway (tests/integration/conftest.py), so its bad-input cases apply.
+    # --default-model medsam_lite pins the old default (auto would choose by speed): calls naming
+    # no model get fp32 here, the reference the BF16 answers are compared with.
     proc = GatewayProcess(tmp_path_factory.mktemp("variant-gw"), "--model-repository", str(variant_repository),
-                          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-prompts", "8")
-    proc.start().wait_serving()
-    yield proc
-    proc.stop()
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-prompts", "8",
+                          "--default-model", "medsam_lite")
+    try:  # a start or warm-up that fails still stops the process
+        proc.start().wait_serving()
+        yield proc
+    finally:
+        proc.stop()
 
 
 def _cases(shared_data, n: int = 6):
@@ -79,10 +84,12 @@ def test_bf16_masks_are_close_to_fp32_on_dev_cases(variant_gateway, shared_data)
 
 def test_triton_serves_the_bf16_variant_like_the_embedded_backend(variant_repository, variant_gateway,
                                                                    shared_data, tmp_path):
-    server = TritonProcess(tmp_path / "triton", repository=variant_repository).start()
-    gw = GatewayProcess(tmp_path / "tgw", "--model-repository", str(variant_repository), "--backend", "triton",
-                        "--triton-url", server.grpc_target).start().wait_serving()
-    try:
+    server, gw = TritonProcess(tmp_path / "triton", repository=variant_repository), None
+    try:  # started inside: whatever fails, both are stopped by PID
+        server.start()  # may move to fresh ports if one was taken: build the gateway's target after
+        gw = GatewayProcess(tmp_path / "tgw", "--model-repository", str(variant_repository), "--backend", "triton",
+                            "--triton-url", server.grpc_target, "--default-model", "medsam_lite")
+        gw.start().wait_serving()
         with SegmentationClient(variant_gateway.target, timeout=60) as embedded, \
                 SegmentationClient(gw.target, timeout=120) as via_triton:
             for _, image, box in _cases(shared_data, 3):
@@ -91,8 +98,11 @@ def test_triton_serves_the_bf16_variant_like_the_embedded_backend(variant_reposi
                 assert got.model_version == want.model_version
                 assert iou(got.masks[0], want.masks[0]) >= 0.999
     finally:
-        gw.stop()
-        server.stop()
+        try:
+            if gw is not None:
+                gw.stop()
+        finally:
+            server.stop()
 
 
 @pytest.mark.parametrize("name", sorted(set(BAD_CASES) - {"unknown_model"}))

@@ -72,7 +72,7 @@ def secure_gateway(model_repository, pki, tmp_path_factory):
                        "--tls-client-ca-file", str(files["client_ca"]),
                        "--auth-tokens-file", str(files["tokens"]), "--auth-jwks-file", str(files["jwks"]),
                        "--auth-jwt-issuer", issuer.issuer, "--auth-jwt-audience", issuer.audience,
-                       "--health-port", "0")
+                       "--health-port", "0", "--default-model", "medsam_lite")  # a JWT below allows only it
     gw.start().wait_serving()
     yield gw
     gw.stop()
@@ -137,6 +137,28 @@ def test_health_is_plaintext_on_the_health_port_and_tokenless_on_the_tls_port(se
         with pytest.raises(grpc.RpcError) as info:
             segment(b"", timeout=5)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the health port serves nothing else
+
+
+def test_cached_images_and_their_ids_belong_to_the_caller_that_sent_them(secure_gateway, pki):
+    """Tenant isolation (issue 14, finding 9): the same image from two callers. B learns nothing
+    from A's upload (cached = false), cannot use A's image_id (NOT_FOUND), and A's own
+    follow-ups still hit A's entry."""
+    files, issuer = pki
+    image = image_from_array(np.random.default_rng(14).integers(0, 255, (56, 60), dtype=np.uint8))
+    model = "medsam_lite"
+    with _client(secure_gateway, files) as a, \
+            _client(secure_gateway, files, token=issuer.token("dr-viewer", [model])) as b:
+        first = a.embed(image, model=model)
+        again = a.embed(image, model=model)
+        by_b = b.embed(image, model=model)
+        assert not first.cached and again.cached and again.image_id == first.image_id
+        assert not by_b.cached and by_b.image_id != first.image_id
+        assert _code(lambda: b.segment(image_id=first.image_id, boxes=BOX, model=model)) == grpc.StatusCode.NOT_FOUND
+        assert _code(lambda: a.segment(image_id=by_b.image_id, boxes=BOX, model=model)) == grpc.StatusCode.NOT_FOUND
+        follow_up = a.segment(image_id=first.image_id, boxes=BOX, model=model)  # A's own id: a cache hit
+        assert follow_up.image_id == first.image_id and follow_up.masks[0].shape == (56, 60)
+        assert a.segment(image=image, boxes=BOX, model=model).image_id == first.image_id  # same id again
+    assert len(first.image_id) == 32
 
 
 def test_cli_segments_over_mutual_tls_with_a_token_file(secure_gateway, pki, tmp_path, shared_data, capsys):

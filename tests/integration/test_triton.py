@@ -51,9 +51,10 @@ def test_eight_concurrent_clients_complete_through_the_dynamic_batcher(triton, t
         assert sum(pool.map(work, range(8))) == 16
     after = triton.metrics_text()
     enc = {"model": "medsam_lite_encoder"}
-    requests = metric_value(after, "nv_inference_count", **enc) - metric_value(before, "nv_inference_count", **enc)
+    requests = (metric_value(after, "nv_inference_count", **enc)
+                - metric_value(before, "nv_inference_count", default=0.0, **enc))
     executions = (metric_value(after, "nv_inference_exec_count", **enc)
-                  - metric_value(before, "nv_inference_exec_count", **enc))
+                  - metric_value(before, "nv_inference_exec_count", default=0.0, **enc))
     print(f"encoder: {requests:.0f} inferences in {executions:.0f} executions")
     assert requests == 16 and 1 <= executions <= 16
 
@@ -68,10 +69,11 @@ def test_gateway_metrics_carry_the_triton_backend_label_and_triton_metrics_are_r
 
 
 def test_triton_crash_gives_unavailable_fast_and_the_gateway_recovers_without_restart(model_repository, tmp_path):
-    server = TritonProcess(tmp_path / "triton").start()
-    gw = GatewayProcess(tmp_path / "gw", "--backend", "triton", "--triton-url", server.grpc_target).start()
-    try:
-        gw.wait_serving()
+    server, gw = TritonProcess(tmp_path / "triton"), None
+    try:  # started inside: whatever fails, both are stopped by PID
+        server.start()  # may move to fresh ports if one was taken: build the gateway's target after
+        gw = GatewayProcess(tmp_path / "gw", "--backend", "triton", "--triton-url", server.grpc_target)
+        gw.start().wait_serving()
         rng = np.random.default_rng(3)
         with SegmentationClient(gw.target, timeout=30) as c:
             c.segment(image=image_from_array(rng.integers(0, 255, (96, 96), dtype=np.uint8)), boxes=[(5, 5, 60, 60)])
@@ -91,5 +93,8 @@ def test_triton_crash_gives_unavailable_fast_and_the_gateway_recovers_without_re
             assert len(result.masks) == 1
         assert gw.proc.poll() is None  # the same gateway process throughout
     finally:
-        gw.stop()
-        server.stop()
+        try:
+            if gw is not None:
+                gw.stop()
+        finally:
+            server.stop()

@@ -12,6 +12,7 @@ from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
 from medseg_client import SegmentationClient, tls_credentials
 from medseg_client.__main__ import main
+from medseg_client.security import is_loopback_target
 from tests.pki import CertificateAuthority
 
 
@@ -98,6 +99,36 @@ def test_plaintext_only_for_loopback_or_when_insecure_is_explicit():
     assert not SegmentationClient("localhost:1").secure
     assert SegmentationClient("seg.hospital.example:443").secure          # TLS with system roots
     assert not SegmentationClient("10.0.0.5:50051", insecure=True).secure
+
+
+LOOPBACK_TARGETS = ["127.0.0.1:50051", "localhost:50051", "localhost", "[::1]:50051", "::1", "127.0.0.9:1",
+                    "dns:localhost:50051", "dns:///localhost:50051", "dns:///[::1]:50051", "ipv4:127.0.0.1:50051",
+                    "ipv4:127.0.0.1:50051,127.0.0.2:50052", "ipv6:[::1]:50051", "ipv6:[::1]:50051,[::1]:50052",
+                    "ipv6:::1", "unix:/run/medseg.sock", "unix:///run/medseg.sock", "unix-abstract:medseg"]
+REMOTE_TARGETS = [
+    "ipv6:[::1]:50051,[2001:db8::1]:443",            # the case: the second address is remote
+    "ipv4:127.0.0.1:50051,10.0.0.5:50051", "ipv4:10.0.0.5:50051,127.0.0.1:50051",
+    "ipv4:127.0.0.1:50051, 192.0.2.7:443", "ipv4:127.0.0.1:50051,", "ipv4:",
+    "ipv6:%5B::1%5D:1%2C%5B2001:db8::1%5D:443",      # percent-encoded comma: gRPC decodes it
+    "ipv4:127.0.0.1%3A1%2C10.0.0.5%3A1",
+    "dns://8.8.8.8/localhost:50051",                  # a DNS server of the client's choosing
+    "dns:localhost:1,10.0.0.5:1", "localhost:1,10.0.0.5:1",
+    "seg.hospital.example:443", "10.0.0.5:50051", "[2001:db8::1]:443", "2001:db8::1",
+    "localhost.evil.example:1", "127.0.0.1.nip.io:1", "[::1]x:1", "[::1", "",
+    "xds:///medseg", "vsock:2:50051", "passthrough:///10.0.0.5:1",
+]
+
+
+@pytest.mark.parametrize("target", LOOPBACK_TARGETS)
+def test_loopback_targets_are_recognised_in_every_grpc_form(target):
+    assert is_loopback_target(target)
+
+
+@pytest.mark.parametrize("target", REMOTE_TARGETS)
+def test_a_target_is_loopback_only_when_every_address_is(target):
+    assert not is_loopback_target(target)
+    with SegmentationClient(target, token="t0k") as client:
+        assert client.secure  # TLS, so the token never goes out in plaintext
 
 
 def test_tls_credentials_need_both_halves_of_a_client_certificate(pki):

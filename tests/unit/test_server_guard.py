@@ -46,9 +46,11 @@ class FakeGateway:
         self.pipelines = dict(MODELS)
         self.backend_timeouts: list[float | None] = []
         self.models_seen: list[str] = []  # the model of each call that reached the gateway
+        self.scopes_seen: list[str] = []  # and its cache scope
 
-    async def segment(self, request) -> SegmentResult:
+    async def segment(self, request, scope: str = "") -> SegmentResult:
         self.models_seen.append(request.model)
+        self.scopes_seen.append(scope)
         if request.model not in MODELS:
             raise errors.ModelNotFound(f"model {request.model!r} is not served here")
         self.backend_timeouts.append(deadline.backend_timeout(30.0))
@@ -57,31 +59,24 @@ class FakeGateway:
             raise self.fail
         return SegmentResult(MODELS[request.model], "id", 8, 10, (MaskResult(np.zeros((8, 10), bool), 0.5),))
 
-    async def embed(self, model: str, image) -> EmbedResult:
+    async def embed(self, model: str, image, scope: str = "") -> EmbedResult:
         self.models_seen.append(model)
+        self.scopes_seen.append(scope)
         return EmbedResult(MODELS[model], "id", 8, 10, False)
 
     def list_models(self) -> list[ModelInfo]:
         return list(MODELS.values())
 
-    model_name = Gateway.model_name  # the real resolution of the default model (it reads only settings)
+    model_name = Gateway.model_name  # the real resolution of the default model (it reads default_model)
     serves = Gateway.serves
+    cache_scope = Gateway.cache_scope  # the real caller -> cache scope rule (it reads settings)
 
-
-@pytest.fixture
-def audit_lines():
-    lines: list[dict] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(json.loads(record.getMessage()))
-
-    logger = logging.getLogger(audit.AUDIT_LOGGER)
-    handler = Collect()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lines
-    logger.removeHandler(handler)
+    @property
+    def default_model(self) -> str:
+        """What Gateway.default_model is here: --default-model, or for auto the model marked default."""
+        if self.settings.default_model != "auto":
+            return self.settings.default_model
+        return next(m.name for m in MODELS.values() if m.is_default)
 
 
 @pytest.fixture

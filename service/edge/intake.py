@@ -1,0 +1,162 @@
+"""What a connection may hold before its request is even read: the intake gate.
+
+gRPC starts an RPC when its HTTP/2 headers arrive; the request message may follow much later,
+or never. Left alone, a few dozen such streams on one connection, without a token, held every
+``maximum_concurrent_rpcs`` slot (gRPC's own limit covers every method, health included, and
+has no notion of a connection), so health, ListModels and real Segment calls waited behind
+them. This interceptor replaces that limit:
+
+* **Probes stay outside the pool**: grpc.health.v1 and reflection never take a slot (they are
+  cheap; kubelet also has its own ``--health-port`` server), so no client can starve them.
+* **Authentication first** (when it is on): a Segmentation call without a valid token is
+  refused with UNAUTHENTICATED from its headers, before it takes a slot and before its
+  request is read; the servicer checks again (and authorises) once the request is there.
+* **A pool and a per-connection share**: at most ``pool`` Segmentation calls are open at
+  once (the admission bounds plus headroom: what bounds request memory), and at most
+  ``per_connection`` of them on one connection (one HTTP/2 connection = one peer address
+  with its port); beyond either, RESOURCE_EXHAUSTED at once. The transport's
+  ``grpc.max_concurrent_streams`` caps a connection's streams of every kind a little above
+  that (see :func:`service.edge.server.server_options`), so probes on a full connection still
+  find a stream and a client that ignores the setting gets its extra streams refused by gRPC.
+* **A bound on receiving**: a unary request must arrive within ``receive_timeout_s`` of the
+  call's start, else the call ends with DEADLINE_EXCEEDED and frees its slot.
+
+Unary-request handlers are served as request-streaming ones (the same bytes on the wire: one
+length-prefixed message) so the gate, not gRPC, waits for the message, with a timeout; the
+wrapped handler then runs exactly as before with the request object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import Counter
+from typing import Callable
+
+import grpc
+
+from service.core import errors
+from service.edge.health import HEALTH_PREFIX, REFLECTION_PREFIXES
+from service.edge.status import client_message, status_for
+from service.security.auth import Authenticator, Principal
+
+# (method name, context, status code, principal or None) of every call the gate ends itself
+Rejected = Callable[[str, grpc.aio.ServicerContext, grpc.StatusCode, Principal | None], None]
+
+
+def is_probe(method: str) -> bool:
+    return method.startswith(HEALTH_PREFIX) or method.startswith(REFLECTION_PREFIXES)
+
+
+class IntakeGate(grpc.aio.ServerInterceptor):
+    def __init__(self, *, pool: int | None, per_connection: int | None, receive_timeout_s: float,
+                 authenticator: Authenticator | None = None, on_reject: Rejected | None = None) -> None:
+        """``pool``/``per_connection``: ``None`` = no bound (the health-only server)."""
+        self.pool, self.per_connection = pool, per_connection
+        self.receive_timeout_s = receive_timeout_s
+        self.authenticator = authenticator
+        self.on_reject = on_reject
+        self.open = 0  # Segmentation calls holding a slot
+        self.by_connection: Counter[str] = Counter()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        pooled = not is_probe(method)
+        if handler.request_streaming:
+            return handler  # reflection: streams by design, and never pooled
+        behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler  # a synchronous handler would need the sync context: none is registered here
+        name = method.rsplit("/", 1)[-1]
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(behaviour, name, pooled), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            self._unary(behaviour, name, pooled), request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _unary(self, behaviour, name: str, pooled: bool):
+        async def serve(request_iterator, context: grpc.aio.ServicerContext):
+            connection, principal = await self._enter(name, context, pooled)
+            try:
+                request = await self._receive(name, context, pooled, principal)
+                return await behaviour(request, context)
+            finally:
+                self._leave(connection, pooled)
+
+        return serve
+
+    def _streaming(self, behaviour, name: str, pooled: bool):
+        async def serve(request_iterator, context: grpc.aio.ServicerContext):
+            connection, principal = await self._enter(name, context, pooled)
+            try:
+                request = await self._receive(name, context, pooled, principal)
+                if inspect.isasyncgenfunction(behaviour):
+                    async for response in behaviour(request, context):
+                        await context.write(response)
+                else:
+                    await behaviour(request, context)
+            finally:
+                self._leave(connection, pooled)
+
+        return serve
+
+    async def _enter(self, name: str, context: grpc.aio.ServicerContext,
+                     pooled: bool) -> tuple[str | None, Principal | None]:
+        """Take a slot (pooled calls), or end the call: UNAUTHENTICATED, RESOURCE_EXHAUSTED.
+        Returns the connection holding the slot and the caller, when known."""
+        if not pooled:
+            return None, None
+        principal = None
+        if self.authenticator is not None and self.authenticator.enabled:
+            try:
+                principal = self.authenticator.authenticate(context.invocation_metadata())
+            except errors.ServiceError as exc:
+                await self._end(name, context, status_for(exc), client_message(exc, "-"), None)
+        connection = context.peer() or "-"
+        if self.pool is not None and self.open >= self.pool:
+            await self._end(name, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the gateway has {self.pool} calls open, its limit; retry with backoff", principal)
+        if self.per_connection is not None and self.by_connection[connection] >= self.per_connection:
+            await self._end(name, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"this connection has {self.per_connection} calls open, the limit per connection "
+                            "(--max-rpcs-per-connection); retry with backoff or open another channel", principal)
+        self.open += 1
+        self.by_connection[connection] += 1
+        return connection, principal
+
+    def _leave(self, connection: str | None, pooled: bool) -> None:
+        if not pooled or connection is None:
+            return
+        self.open -= 1
+        self.by_connection[connection] -= 1
+        if self.by_connection[connection] <= 0:
+            del self.by_connection[connection]
+
+    async def _receive(self, name: str, context: grpc.aio.ServicerContext, pooled: bool,
+                       principal: Principal | None):
+        """The call's one request message, if it arrives within the bound."""
+        try:
+            request = await asyncio.wait_for(context.read(), self.receive_timeout_s)
+        except TimeoutError:
+            await self._end(name, context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the request message did not arrive within {self.receive_timeout_s:g} s "
+                            "(--request-receive-timeout-s)", principal, pooled)
+        if request is grpc.aio.EOF:
+            # No message: the client half-closed without one, or gRPC already failed the call
+            # (a message over --max-request-bytes: the client has RESOURCE_EXHAUSTED). The two
+            # look alike here, so no audit line claims a status the client may not have got.
+            await self._end(name, context, grpc.StatusCode.INVALID_ARGUMENT,
+                            "the call ended without a request message", principal, reported=False)
+        return request
+
+    async def _end(self, name: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                   principal: Principal | None, reported: bool = True) -> None:
+        """End the call with ``code``; Segmentation calls are reported (audit line, metrics)."""
+        if self.on_reject is not None and reported:
+            self.on_reject(name, context, code, principal)
+        await context.abort(code, message)
