@@ -16,7 +16,7 @@ from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
 from service.edge.server import concurrent_rpc_limit, create_server
 from service.security.auth import Authenticator
 from service.settings import Settings
-from tests.unit.test_server_guard import AUTH, REQUEST, FakeGateway, audit_lines, tokens_file  # noqa: F401
+from tests.unit.test_server_guard import AUTH, REQUEST, FakeGateway, tokens_file  # noqa: F401
 
 SEGMENT = "/medseg.v1.Segmentation/Segment"
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel whose connection no other channel shares
