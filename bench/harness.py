@@ -189,6 +189,27 @@ def metric_value(text: str, name: str, *, default: float | object = _RAISE, **la
     raise MetricMissing(f"metric {what} is not in the scrape ({declared})")
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM in bytes and Threads of process ``pid``."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+        elif key == "Threads":
+            values[key] = int(rest)
+    return values
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def free_port(avoid: set[int] | frozenset[int] = frozenset()) -> int:
     """A currently free loopback port not in ``avoid`` (for servers, like tritonserver, that
     cannot bind port 0). Another process may still take it before the server binds it:

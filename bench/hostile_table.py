@@ -26,22 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.fuzz_cases import KINDS, make_case  # noqa: E402
-from bench.harness import GatewayProcess, ensure_models  # noqa: E402
+from bench.harness import GatewayProcess, ensure_models, proc_status, reset_peak  # noqa: E402
 from bench.measure import machine  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc  # noqa: E402
 
 MIB = 1 << 20
 H, W = 5000, 8000
-
-
-def status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(rest.split()[0]) * 1024
-    return out
 
 
 def encoded(data: bytes, boxes=((8, 8, 40, 40),)) -> pb.SegmentRequest:
@@ -108,16 +99,17 @@ def main() -> int:
                 stub = pb_grpc.SegmentationStub(channel)
                 small = raw(np.tile(np.arange(64, dtype=np.uint8), (64, 1)), [(8, 8, 40, 40)])
                 stub.Segment(small, timeout=60)
-                baseline = status(pid)["VmRSS"]
+                baseline = proc_status(pid)["VmRSS"]
                 for name, request in cases():
-                    before = status(pid)
-                    Path(f"/proc/{pid}/clear_refs").write_text("5")
+                    before = proc_status(pid)
+                    if not reset_peak(pid):
+                        raise SystemExit("cannot reset the gateway's peak RSS (/proc/PID/clear_refs)")
                     try:
                         stub.Segment(request, timeout=600)
                         code = "OK"
                     except grpc.RpcError as exc:
                         code = exc.code().name
-                    peak, after = status(pid)["VmHWM"], status(pid)["VmRSS"]
+                    peak, after = proc_status(pid)["VmHWM"], proc_status(pid)["VmRSS"]
                     try:
                         serving = len(stub.Segment(small, timeout=60).masks) == 1
                     except grpc.RpcError:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -27,33 +26,12 @@ from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
 from service.core.domain import Box, ImageInput, MaskEncoding, Prompt, RawPixels, SegmentRequest
 from service.core.request_memory import segment_estimate
-from tests.harness import GatewayProcess, wait_for
+from tests.harness import GatewayProcess, proc_status, reset_peak, wait_for
 
 pytestmark = pytest.mark.slow
 MIB = 1 << 20
 H, W = 5000, 8000  # 40 megapixels: the default --max-image-pixels
 BUDGET = 2 << 30   # the default --memory-budget-bytes
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM in bytes and Threads of process ``pid``."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) * 1024
-        elif key == "Threads":
-            values[key] = int(rest)
-    return values
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 class ThreadWatch:
