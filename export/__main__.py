@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     # Decoding the check images (the dev cases, or pydicom's own test files on a bare clone, some
     # of which no installed plugin decodes and are skipped) makes pydicom log tracebacks and warn
     # about its test files' quirks: noise to the person exporting, and never the export's result.
+    import pydicom  # noqa: F401,PLC0415 - its import sets its logger's level: set ours after it
+
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     opts = ExportOptions(repository=args.repository, target=args.target, cache_dir=args.cache_dir, force=args.force,
