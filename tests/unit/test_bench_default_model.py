@@ -27,7 +27,9 @@ def test_the_default_model_row_gives_its_speed_up_over_the_pytorch_reference():
 
 
 def test_without_a_default_model_run_there_is_no_row():
-    assert "default model" not in measure.render_markdown(copy.deepcopy(RESULTS))
+    results = copy.deepcopy(RESULTS)
+    results.pop("default_model", None)  # results.json from a full run has one; an older run had none
+    assert "default model" not in measure.render_markdown(results)
 
 
 def test_the_benchmark_cli_answers_help():
