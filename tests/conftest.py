@@ -11,7 +11,7 @@ import pytest
 SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
-SHARED_SUBFOLDERS = ("dev", "dicom", "train")
+SHARED_SUBFOLDERS = ("dev", "dicom", "train", "volumes")
 
 
 @pytest.fixture(scope="session")

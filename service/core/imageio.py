@@ -731,10 +731,14 @@ def _dicom_plan(data: bytes, limits: ImageLimits) -> _Plan:
     return _Plan(attrs.rows, attrs.columns, attrs.samples, itemsize, extra, copies)
 
 
-def _decode_dicom(data: bytes, inp: ImageInput, limits: ImageLimits) -> DecodedImage:
+def _dicom_frame(data: bytes, limits: ImageLimits, slice_index: int | None) -> tuple[np.ndarray, pydicom.Dataset,
+                                                                                   _DicomPixels]:
+    """Read one DICOM file and decode frame ``slice_index`` (default the middle one) as stored:
+    no Modality LUT, window or inversion (YBR comes back as RGB). The one decoding path of
+    :func:`_decode_dicom` and of the series reader (service/core/volume.py)."""
     ds, _ = _read_dicom(data, limits)
     attrs = _dicom_pixels(ds, limits)
-    index = _slice_index(attrs.frames, inp.slice_index)
+    index = _slice_index(attrs.frames, slice_index)
     _dicom_frame_checks(ds, attrs, index)
     # RLE: pylibjpeg-rle decodes into a buffer of the declared size; pydicom's own RLE
     # decoder grows its output with every run (unbounded), so it is never used.
@@ -746,6 +750,11 @@ def _decode_dicom(data: bytes, inp: ImageInput, limits: ImageLimits) -> DecodedI
     if frame.shape[:2] != (attrs.rows, attrs.columns):
         raise InvalidImage(f"DICOM frame {index} ({attrs.syntax_name}) decoded to {frame.shape[1]}x{frame.shape[0]} "
                            f"pixels; the data set declares {attrs.columns}x{attrs.rows}")
+    return frame, ds, attrs
+
+
+def _decode_dicom(data: bytes, inp: ImageInput, limits: ImageLimits) -> DecodedImage:
+    frame, ds, attrs = _dicom_frame(data, limits, inp.slice_index)
     with _stage("DICOM pixel attributes (rescale, window, VOI LUT) are invalid"):
         if frame.ndim == 3:
             pixels = normalise(frame, inp.window) if inp.window is not None else frame / _full_scale(attrs.bits_stored)
@@ -782,13 +791,19 @@ def _full_scale(bits: Any) -> np.float32:
 
 
 # --------------------------------------------------------------------------- NIfTI
-def _nifti_header(data: bytes, limits: ImageLimits):
-    """(header, shape, depth, dtype, offset, total, inflater, head) from a .nii / .nii.gz header."""
+def _nifti_head(data: bytes) -> tuple[Nifti1Header, Any, bytes]:
+    """(header, inflater, head): the 348-byte NIfTI-1 header of a .nii, or of a .nii.gz
+    inflated that far only (``inflater`` then continues the stream; None for a .nii)."""
     inflater = zlib.decompressobj(wbits=31) if data.startswith(b"\x1f\x8b") else None
     head = data[:_NIFTI_HEADER] if inflater is None else inflater.decompress(data, _NIFTI_HEADER)
     if len(head) < _NIFTI_HEADER or head[344:348] != b"n+1\x00":
         raise InvalidImage(UNRECOGNISED if inflater is None else "gzip data is not a NIfTI-1 (.nii.gz) image")
-    header = Nifti1Header.from_fileobj(io.BytesIO(head), check=False)
+    return Nifti1Header.from_fileobj(io.BytesIO(head), check=False), inflater, head
+
+
+def _nifti_header(data: bytes, limits: ImageLimits):
+    """(header, shape, depth, dtype, offset, total, inflater, head) from a .nii / .nii.gz header."""
+    header, inflater, head = _nifti_head(data)
     shape = tuple(int(s) for s in header.get_data_shape())
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
