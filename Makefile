@@ -19,7 +19,7 @@ install:
 deploy-tools:
 	@scripts/bootstrap_deploy.sh
 
-$(PROTO_OUT): protos/medseg/v1/segmentation.proto | install
+$(PROTO_OUT): $(wildcard protos/medseg/v1/*.proto) | install
 	PY=$(PY) scripts/gen_protos.sh
 
 protos: install $(PROTO_OUT)

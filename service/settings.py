@@ -116,6 +116,22 @@ class Settings:
     # named "tenant/name" share), "shared" (everyone). Without authentication: shared.
     cache_scope: str = "caller"
 
+    # --- volumes (service/inference/volumes.py, protos/medseg/v1/volumes.proto) ----------
+    # Bytes one uploaded volume may hold (its voxels as stored, and its upload stream), the
+    # voxels of all stored volumes together, and those of one caller's; over a bound, the
+    # upload is refused with RESOURCE_EXHAUSTED. A volume unused for --volume-ttl-s expires
+    # (its id then answers NOT_FOUND: upload again) and its memory is freed.
+    max_volume_bytes: int = 768 * 1024 * 1024
+    max_volumes_bytes: int = 1536 * 1024 * 1024
+    max_caller_volumes_bytes: int = 1024 * 1024 * 1024
+    volume_ttl_s: float = 1800.0
+    # Files one DICOM series upload may hold, and slices one volume may have.
+    max_series_files: int = 4096
+    max_volume_slices: int = 4096
+    # Slice embeddings kept for propagation and refinements, all volumes and models together
+    # (bytes, LRU; an evicted one is recomputed when needed again).
+    volume_embedding_bytes: int = 768 * 1024 * 1024
+
     # --- audit (service/audit.py) -----------------------------------------------------
     # Where the one-JSON-line-per-RPC audit log goes: "-" = stderr, else a file (appended).
     audit_log: str = "-"

@@ -20,6 +20,14 @@ address) or when ``insecure=True`` is passed; any other target
 gets TLS verified against the system's trust store. A bearer token is never sent in
 plaintext to a non-loopback target unless ``insecure=True``.
 
+3-D volumes (``medseg.v1.Volumes``, see :mod:`medseg_client.volumes`) on the same client::
+
+    info = client.upload_volume("ct.nii.gz", window=(40, 400))   # or a DICOM folder, or .npy + spacing
+    stream = client.segment_volume(info.volume_id, slice_index=54, box=(80, 60, 180, 170))
+    for s in stream:
+        ...                             # s.mask: bool (H, W) of slice s.slice_index, as it is done
+    mask = client.get_segment_mask(info.volume_id, stream.summary.segment_id).nifti_gz
+
 Coordinates are input-image pixels (x = column, y = row, origin at the top-left corner of
 the top-left pixel). Errors from the server reach the caller as :class:`grpc.RpcError`
 (``exc.code()`` is a :class:`grpc.StatusCode`); mistakes caught before sending raise
@@ -45,6 +53,8 @@ from medseg_client.images import image_from_array, image_from_file
 from medseg_client.masks import MaskEncoding, decode_mask
 from medseg_client.prompts import BoxTuple, PointTuple, build_prompts
 from medseg_client.security import is_loopback_target, tls_credentials
+from medseg_client.volumes import (SegmentMask, SliceMask, VolumeClient, VolumeInfo, VolumeStream, VolumeSummary,
+                                   volume_slices)
 from medseg_client.wire import MASK_ENCODING_TO_PB, MASK_ENCODINGS
 
 __all__ = [
@@ -52,14 +62,21 @@ __all__ = [
     "EmbedResult",
     "MaskEncoding",
     "PointTuple",
+    "SegmentMask",
     "SegmentResult",
     "SegmentationClient",
+    "SliceMask",
+    "VolumeClient",
+    "VolumeInfo",
+    "VolumeStream",
+    "VolumeSummary",
     "build_prompts",
     "decode_low_res_logits",
     "decode_mask",
     "image_from_array",
     "image_from_file",
     "tls_credentials",
+    "volume_slices",
 ]
 
 @dataclass(frozen=True)
@@ -107,8 +124,10 @@ class EmbedResult:
     cached: bool
 
 
-class SegmentationClient:
-    """A blocking client for ``medseg.v1.Segmentation`` over one gRPC channel.
+class SegmentationClient(VolumeClient):
+    """A blocking client for ``medseg.v1.Segmentation`` and ``medseg.v1.Volumes`` (the
+    :class:`VolumeClient` methods: ``upload_volume``, ``segment_volume``, ``refine_segment``,
+    ``undo_segment``, ``get_segment_mask``, ``delete_volume``) over one gRPC channel.
 
     ``target``: ``"host:port"``. ``timeout``: default deadline in seconds of every call.
     ``credentials``: TLS channel credentials (see :func:`tls_credentials`); ``None`` means

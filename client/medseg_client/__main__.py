@@ -1,4 +1,4 @@
-"""Command line client: ``python -m medseg_client {segment,models,embed} ...`` (also the
+"""Command line client: ``python -m medseg_client {segment,models,embed,segment-volume} ...`` (also the
 ``medseg-client`` console script; ``python -m service.client`` is an alias inside the repository).
 
 Call :func:`main` with an argument list to run it in process; it returns the exit code
@@ -17,6 +17,7 @@ loopback server is reached in plaintext and any other server over TLS.
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import sys
 from collections.abc import Sequence
@@ -29,7 +30,8 @@ from PIL import Image
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client import SegmentationClient, image_from_file, tls_credentials
 from medseg_client.images import SUPPORTED_SUFFIXES
-from medseg_client.overlay import draw_overlay, load_display_image
+from medseg_client.overlay import draw_overlay, load_display_image, to_uint8
+from medseg_client.volumes import volume_kind, volume_slices
 
 _SEGMENT_EPILOG = """\
 Coordinates are input-image pixels: x = column, y = row, origin at the top-left corner
@@ -42,6 +44,21 @@ Output: MASK.png is an 8-bit PNG (0 = background, 255 = structure) at the input 
 size. With several prompts MASK.png is the union of all masks, and each prompt's own mask
 is also written next to it as MASK-0.png, MASK-1.png, ... in prompt order.
 Prints one line per mask (index, predicted IoU, area in pixels) and the image_id.
+"""
+
+VOLUME_TIMEOUT_S = 600.0
+_VOLUME_EPILOG = """\
+Slices and coordinates: slice K of a NIfTI volume is numpy.flipud(vol[:, :, K].T) (as the
+'segment' command shows NIfTI slice K), of a DICOM series the K-th file along the slice
+normal (by ImagePositionPatient), of a .npy (Z, H, W) array array[K]; --box is in that
+slice's pixels (x = column, y = row, origin at the top-left corner). The mask is propagated
+from slice K to both sides until it vanishes or --range ends. Without --slice/--box the
+model must be a prompt-free segmenter (every slice of the range is segmented).
+
+Uploads the volume, prints one line per slice as it is segmented (slice, area, predicted
+IoU), then the summary; writes MASK.nii.gz (the input's grid and affine; .nii: written
+uncompressed) and deletes the volume from the gateway. --timeout (default 600 s here)
+bounds each call.
 """
 
 
@@ -83,6 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(embed)
     _add_image(embed)
     _add_model(embed)
+
+    volume = commands.add_parser(
+        "segment-volume",
+        help="upload a 3-D volume, segment a structure through it from one box, write the NIfTI mask",
+        description="Upload a 3-D volume (NIfTI file, DICOM series folder or .npy array), segment one "
+                    "structure through it from a box on one slice, and write the mask as NIfTI.",
+        epilog=_VOLUME_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_server(volume, timeout=VOLUME_TIMEOUT_S)
+    volume.add_argument("--image", required=True, type=Path, metavar="VOLUME",
+                        help="a .nii/.nii.gz file, a folder holding one DICOM series, or a .npy (Z, H, W) array")
+    volume.add_argument("--slice", type=int, metavar="K", help="the slice the --box is drawn on")
+    volume.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+                        help="the structure on slice K, in that slice's input-convention pixels")
+    volume.add_argument("--range", nargs=2, type=int, metavar=("K0", "K1"),
+                        help="segment only within slices K0..K1 (inclusive; default: the whole volume)")
+    _add_model(volume)
+    volume.add_argument("--out", required=True, type=Path, metavar="MASK.nii.gz",
+                        help="output mask: NIfTI on the input's grid and affine (uint8, 0/1)")
+    volume.add_argument("--overlay-dir", type=Path, metavar="DIR",
+                        help="also write one PNG per segmented slice (the slice, windowed, with the mask "
+                             "outline); needs nibabel (NIfTI) or pydicom (DICOM): pip install 'medseg-client[files]'")
+    volume.add_argument("--spacing", nargs=3, type=float, metavar=("SX", "SY", "SZ"),
+                        help="voxel spacing in mm (column, row, slice) of a .npy array (required for .npy)")
+    volume.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"),
+                        help="intensity window in native units (HU for CT) for every slice; default: the "
+                             "file's own, the modality default or a percentile stretch")
     return parser
 
 
@@ -101,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--slice must be >= 0")
     if args.command == "segment":
         _check_segment_args(parser, args)
+    if args.command == "segment-volume":
+        _check_volume_args(parser, args)
     try:
         with _client(args) as client:
             if args.command == "segment":
                 return _segment(client, args)
             if args.command == "models":
                 return _models(client)
+            if args.command == "segment-volume":
+                return _segment_volume(client, args)
             return _embed(client, args)
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
@@ -168,7 +217,54 @@ def _embed(client: SegmentationClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment_volume(client: SegmentationClient, args: argparse.Namespace) -> int:
+    window = tuple(args.window) if args.window else None
+    # Local pixels for the overlays first: a missing optional package fails before any upload.
+    display = volume_slices(args.image) if args.overlay_dir is not None else None
+    info = client.upload_volume(args.image, spacing=args.spacing, window=window)
+    print(f"volume_id: {info.volume_id} ({info.depth} x {info.height} x {info.width} slices x rows x columns, "
+          f"{info.source_format}, window {info.window[0]:g}/{info.window[1]:g} from {info.window_source})")
+    try:
+        box = tuple(args.box) if args.box else None
+        stream = client.segment_volume(info.volume_id, slice_index=args.slice, box=box,
+                                       range=tuple(args.range) if args.range else None, model=args.model)
+        with stream:
+            for item in stream:
+                print(f"slice {item.slice_index}: area={item.area} px predicted_iou={item.predicted_iou:.4f}",
+                      flush=True)
+            summary = stream.summary
+        print(f"segment_id: {summary.segment_id}")
+        print(f"model: {summary.model_name} {summary.model_version}".rstrip())
+        slices = "none" if summary.first_slice < 0 else f"{summary.first_slice}..{summary.last_slice}"
+        print(f"voxels: {summary.voxel_count} ({summary.volume_ml:.3f} ml), slices {slices}, "
+              f"stopped: {', '.join(summary.stop_reasons) or '-'}")
+        mask = client.get_segment_mask(info.volume_id, summary.segment_id)
+        write_nifti(mask.nifti_gz, args.out)
+        print(f"wrote {args.out}")
+        if display is not None:
+            args.overlay_dir.mkdir(parents=True, exist_ok=True)
+            for item in stream.slices:
+                pixels = to_uint8(display[item.slice_index], info.window)
+                boxes = [box] if box is not None and item.slice_index == args.slice else []
+                image = Image.fromarray(pixels, mode="L").convert("RGB")
+                draw_overlay(image, [item.mask], boxes).save(args.overlay_dir / f"slice-{item.slice_index:04d}.png")
+            print(f"wrote {len(stream.slices)} overlays to {args.overlay_dir}")
+    finally:
+        try:
+            client.delete_volume(info.volume_id)
+        except grpc.RpcError:
+            pass  # it expires on its own (--volume-ttl-s); the first error is the one to report
+    return 0
+
+
 # --------------------------------------------------------------------------- outputs
+def write_nifti(nifti_gz: bytes, path: Path) -> None:
+    """Write the gateway's gzipped NIfTI mask to ``path`` (decompressed for a ``.nii`` name)."""
+    data = gzip.decompress(nifti_gz) if path.name.lower().endswith(".nii") and nifti_gz[:2] == b"\x1f\x8b" \
+        else nifti_gz
+    path.write_bytes(data)
+
+
 def mask_paths(out: Path, n_masks: int) -> list[Path]:
     """Where ``segment`` writes: ``[out]`` for one mask; ``[out, out-0, out-1, ...]`` for several.
 
@@ -203,10 +299,10 @@ def _client(args: argparse.Namespace) -> SegmentationClient:
                               insecure=args.insecure, tls_server_name=args.tls_server_name)
 
 
-def _add_server(parser: argparse.ArgumentParser) -> None:
+def _add_server(parser: argparse.ArgumentParser, timeout: float = 60.0) -> None:
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="gateway address")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                        help="deadline of the call in seconds (default: 60)")
+    parser.add_argument("--timeout", type=float, default=timeout, metavar="S",
+                        help=f"deadline of the call in seconds (default: {timeout:g})")
     security = parser.add_argument_group(
         "security", "Without TLS options: plaintext to a loopback server, TLS (system trust store) otherwise.")
     security.add_argument("--tls", action="store_true", help="use TLS even for a loopback server")
@@ -242,6 +338,24 @@ def _check_segment_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     for x, y, label in args.point:
         if label not in (0.0, 1.0):
             parser.error(f"--point {x:g} {y:g} {label:g}: LABEL must be 1 (foreground) or 0 (background)")
+
+
+def _check_volume_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.box is None) != (args.slice is None):
+        parser.error("--slice and --box go together (the box is drawn on slice K); give neither only for a "
+                     "prompt-free model")
+    if args.range is not None and not 0 <= args.range[0] <= args.range[1]:
+        parser.error("--range K0 K1 needs 0 <= K0 <= K1")
+    try:
+        kind = volume_kind(args.image)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if kind == "raw" and args.spacing is None:
+        parser.error("--spacing SX SY SZ is required for a .npy volume (column, row and slice spacing in mm)")
+    if kind != "raw" and args.spacing is not None:
+        parser.error("--spacing is only for .npy volumes: NIfTI and DICOM carry their own spacing")
+    if args.spacing is not None and min(args.spacing) <= 0:
+        parser.error("--spacing values must be > 0")
 
 
 def _kind_name(kind: int) -> str:

@@ -21,7 +21,9 @@ __all__ = [
     "image_from_array",
     "image_from_file",
     "image_suffix",
+    "wire_dtype",
     "select_plane",
+    "window_message",
 ]
 
 ENCODED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
@@ -81,7 +83,7 @@ def image_from_array(
     ``window``: ``(center, width)`` in the array's units, width > 0.
     """
     plane = select_plane(np.asarray(array), slice_index)
-    plane = _wire_dtype(plane)
+    plane = wire_dtype(plane)
     little = plane.astype(plane.dtype.newbyteorder("<"), order="C", copy=False)
     raw = pb.RawArray(
         dtype=DTYPE_TO_PB[plane.dtype.name],
@@ -116,7 +118,8 @@ def select_plane(array: np.ndarray, slice_index: int | None = None) -> np.ndarra
     return array[:, :, index]
 
 
-def _wire_dtype(array: np.ndarray) -> np.ndarray:
+def wire_dtype(array: np.ndarray) -> np.ndarray:
+    """``array`` in a dtype the wire carries (see :func:`image_from_array`), or :class:`ValueError`."""
     kind = array.dtype
     if kind == np.bool_:
         return array.astype(np.uint8)
@@ -132,14 +135,20 @@ def _wire_dtype(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def window_message(window: Sequence[float]) -> pb.Window:
+    """``(center, width)`` in native units (HU for CT) as a ``pb.Window``; :class:`ValueError`
+    unless both are finite and width > 0."""
+    if len(window) != 2:
+        raise ValueError(f"window is (center, width), got {tuple(window)}")
+    center, width = float(window[0]), float(window[1])
+    if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+        raise ValueError(f"window needs a finite center and a width > 0, got ({center}, {width})")
+    return pb.Window(center=center, width=width)
+
+
 def _set_options(image: pb.Image, window: Sequence[float] | None, slice_index: int | None) -> None:
     if window is not None:
-        if len(window) != 2:
-            raise ValueError(f"window is (center, width), got {tuple(window)}")
-        center, width = float(window[0]), float(window[1])
-        if not (np.isfinite(center) and np.isfinite(width) and width > 0):
-            raise ValueError(f"window needs a finite center and a width > 0, got ({center}, {width})")
-        image.window.CopyFrom(pb.Window(center=center, width=width))
+        image.window.CopyFrom(window_message(window))
     if slice_index is not None:
         if int(slice_index) < 0:
             raise ValueError(f"slice_index must be >= 0, got {slice_index}")

@@ -8,8 +8,9 @@ domain types (``numpy`` dtype names; ``MaskEncoding`` values).
 from __future__ import annotations
 
 from medseg_client._generated import segmentation_pb2 as pb
+from medseg_client._generated import volumes_pb2 as vpb
 
-__all__ = ["DTYPES", "DTYPE_TO_PB", "MASK_ENCODINGS", "MASK_ENCODING_TO_PB"]
+__all__ = ["DTYPES", "DTYPE_TO_PB", "MASK_ENCODINGS", "MASK_ENCODING_TO_PB", "VOLUME_FORMATS", "VOLUME_FORMAT_TO_PB"]
 
 #: ``pb.DType`` -> numpy dtype name of a ``RawArray`` (``DTYPE_UNSPECIFIED`` is not in it: rejected).
 DTYPES: dict[int, str] = {
@@ -37,3 +38,13 @@ MASK_ENCODINGS: dict[int, str] = {
 MASK_ENCODING_TO_PB: dict[str, int] = {
     name: code for code, name in MASK_ENCODINGS.items() if code != pb.MASK_ENCODING_UNSPECIFIED
 }
+
+#: ``vpb.VolumeFormat`` -> the volume format's name (``service.core.volume.FORMATS`` on the server;
+#: ``VOLUME_FORMAT_UNSPECIFIED`` is not in it: rejected).
+VOLUME_FORMATS: dict[int, str] = {
+    vpb.VOLUME_FORMAT_DICOM_SERIES: "dicom_series",
+    vpb.VOLUME_FORMAT_NIFTI: "nifti",
+    vpb.VOLUME_FORMAT_RAW: "raw",
+}
+#: volume format name -> ``vpb.VolumeFormat``.
+VOLUME_FORMAT_TO_PB: dict[str, int] = {name: code for code, name in VOLUME_FORMATS.items()}

@@ -60,6 +60,14 @@ class ImageNotFound(NotFound):
     """The ``image_id`` is unknown or its embedding has been evicted; send the image again."""
 
 
+class VolumeNotFound(NotFound):
+    """The ``volume_id`` is unknown, expired, deleted or another caller's; upload again."""
+
+
+class SegmentNotFound(NotFound):
+    """The ``segment_id`` is unknown on a known volume."""
+
+
 # --- limits ---------------------------------------------------------------------------
 class ResourceExhausted(ServiceError):
     """A configured limit was hit (payload size, in-flight requests)."""
@@ -67,6 +75,18 @@ class ResourceExhausted(ServiceError):
 
 class PayloadTooLarge(ResourceExhausted):
     """The image or request is larger than the configured limit."""
+
+
+class VolumeTooLarge(PayloadTooLarge):
+    """One uploaded volume is over --max-volume-bytes."""
+
+    reason = "volume_bytes"
+
+
+class VolumesFull(ResourceExhausted):
+    """Stored volumes (all, or the caller's) would be over their bound."""
+
+    reason = "volumes_bytes"
 
 
 class Overloaded(ResourceExhausted):

@@ -26,10 +26,30 @@ _KIND_TO_PB = {PromptKind.BOX: pb.PROMPT_KIND_BOX, PromptKind.POINT: pb.PROMPT_K
 MAX_SHAPE_RANK = 3
 
 
+def window_from_proto(msg: pb.Window) -> Window:
+    return Window(msg.center, msg.width)
+
+
+def box_from_proto(msg: pb.Box) -> Box:
+    return Box(msg.x0, msg.y0, msg.x1, msg.y1)
+
+
+def mask_encoding_from_proto(value: int) -> MaskEncoding:
+    """``pb.MaskEncoding`` -> the domain's (UNSPECIFIED is BITS); InvalidArgument for an unknown value."""
+    if value not in _ENCODINGS:
+        raise errors.InvalidArgument(f"unknown mask encoding {value}; use one of "
+                                     f"{', '.join(pb.MaskEncoding.Name(v) for v in sorted(_ENCODINGS))}")
+    return _ENCODINGS[value]
+
+
+def mask_to_proto(height: int, width: int, encoding: MaskEncoding, data: bytes, predicted_iou: float,
+                  area: int) -> pb.Mask:
+    return pb.Mask(height=height, width=width, encoding=_ENCODING_TO_PB[encoding], data=data,
+                   predicted_iou=predicted_iou, area=area)
+
+
 def image_from_proto(msg: pb.Image) -> ImageInput:
-    window = None
-    if msg.HasField("window"):
-        window = Window(msg.window.center, msg.window.width)
+    window = window_from_proto(msg.window) if msg.HasField("window") else None
     slice_index = msg.slice_index if msg.HasField("slice_index") else None
     source = msg.WhichOneof("source")
     if source == "encoded":
@@ -54,7 +74,7 @@ def _logits_from_proto(msg: pb.LowResLogits, index: int) -> np.ndarray:
 
 
 def prompt_from_proto(msg: pb.Prompt, index: int) -> Prompt:
-    box = Box(msg.box.x0, msg.box.y0, msg.box.x1, msg.box.y1) if msg.HasField("box") else None
+    box = box_from_proto(msg.box) if msg.HasField("box") else None
     points = tuple(Point(p.x, p.y, p.positive) for p in msg.points)
     mask = _logits_from_proto(msg.mask_input, index) if msg.HasField("mask_input") else None
     return Prompt(box=box, points=points, mask_input=mask)
@@ -63,8 +83,7 @@ def prompt_from_proto(msg: pb.Prompt, index: int) -> Prompt:
 def segment_request_from_proto(msg: pb.SegmentRequest, model: str) -> SegmentRequest:
     """``model``: the served model's name, resolved from ``msg.model`` by
     :meth:`service.inference.gateway.Gateway.model_name` (the one place the default applies)."""
-    if msg.encoding not in _ENCODINGS:
-        raise errors.InvalidArgument(f"unknown mask encoding {msg.encoding}")
+    encoding = mask_encoding_from_proto(msg.encoding)
     which = msg.WhichOneof("input")
     if which is None:
         raise errors.InvalidArgument("send an image or an image_id")
@@ -73,7 +92,7 @@ def segment_request_from_proto(msg: pb.SegmentRequest, model: str) -> SegmentReq
         prompts=tuple(prompt_from_proto(p, i) for i, p in enumerate(msg.prompts)),
         image=image_from_proto(msg.image) if which == "image" else None,
         image_id=msg.image_id if which == "image_id" else None,
-        encoding=_ENCODINGS[msg.encoding],
+        encoding=encoding,
         return_low_res_logits=msg.return_low_res_logits,
     )
 
@@ -87,8 +106,7 @@ def segment_response_to_proto(result: SegmentResult, encoding: MaskEncoding) -> 
     for m in result.masks:
         data = m.encoded if m.encoded is not None else encode_mask(m.mask, encoding)
         area = m.area if m.area is not None else int(m.mask.sum())
-        msg = pb.Mask(height=result.height, width=result.width, encoding=_ENCODING_TO_PB[encoding],
-                      data=data, predicted_iou=m.predicted_iou, area=area)
+        msg = mask_to_proto(result.height, result.width, encoding, data, m.predicted_iou, area)
         if m.low_res_logits is not None:
             lr = m.low_res_logits
             msg.low_res_logits.CopyFrom(pb.LowResLogits(height=lr.shape[0], width=lr.shape[1],
@@ -137,7 +155,8 @@ class Undecodable:
         self.type_name = type_name
 
 
-def _tolerant_parser(message_class) -> Callable[[bytes], object]:
+def tolerant_parser(message_class) -> Callable[[bytes], object]:
+    """A request parser that never raises: bytes that are no ``message_class`` become :class:`Undecodable`."""
     def parse(data: bytes):
         try:
             return message_class.FromString(data)
@@ -153,7 +172,7 @@ def segmentation_codecs() -> dict[str, tuple[Callable[[bytes], object], Callable
     codecs = {}
     for method in SERVICE.methods:
         request_class, response_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        codecs[method.name] = (_tolerant_parser(request_class), response_class.SerializeToString)
+        codecs[method.name] = (tolerant_parser(request_class), response_class.SerializeToString)
     return codecs
 
 

@@ -16,14 +16,16 @@ from service.edge.status import client_message, status_for
 
 
 class Health:
-    """grpc.health.v1 for the whole server ("") and for the Segmentation service."""
+    """grpc.health.v1 for the whole server ("") and for each of ``services`` (default: the
+    Segmentation service; the server adds medseg.v1.Volumes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, services: tuple[str, ...] = (SERVICE_NAME,)) -> None:
         self.servicer = health.aio.HealthServicer()
+        self.services = services
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.services):
             await self.servicer.set(name, status)
 
 

@@ -20,6 +20,14 @@ them. This interceptor replaces that limit:
   find a stream and a client that ignores the setting gets its extra streams refused by gRPC.
 * **A bound on receiving**: a unary request must arrive within ``receive_timeout_s`` of the
   call's start, else the call ends with DEADLINE_EXCEEDED and frees its slot.
+* **Client-streaming calls** (``Volumes.UploadVolume``: a header, then file parts) take a slot
+  and count against the pool and their connection's share like any other call, but are exempt
+  from that whole-message bound: an upload of hundreds of MiB may take longer than
+  ``receive_timeout_s`` and is bounded by the client's deadline instead. It must keep moving,
+  though: each message must arrive within ``receive_timeout_s`` of the previous one (of the
+  call's start, for the first), else the call ends with DEADLINE_EXCEEDED (raised to the
+  servicer as :class:`errors.DeadlineExceeded`, which reports it) and frees its slot.
+  Reflection streams by design and stays outside the pool.
 
 Unary-request handlers are served as request-streaming ones (the same bytes on the wire: one
 length-prefixed message) so the gate, not gRPC, waits for the message, with a timeout; the
@@ -29,6 +37,7 @@ wrapped handler then runs exactly as before with the request object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections import Counter
 from typing import Callable
@@ -65,12 +74,14 @@ class IntakeGate(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         pooled = not is_probe(method)
+        name = method.rsplit("/", 1)[-1]
         if handler.request_streaming:
-            return handler  # reflection: streams by design, and never pooled
+            if not pooled:
+                return handler  # reflection: streams by design, and never pooled
+            return self._client_streaming(handler, name)
         behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
         if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
             return handler  # a synchronous handler would need the sync context: none is registered here
-        name = method.rsplit("/", 1)[-1]
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._streaming(behaviour, name, pooled), request_deserializer=handler.request_deserializer,
@@ -104,6 +115,46 @@ class IntakeGate(grpc.aio.ServerInterceptor):
                 self._leave(connection, pooled)
 
         return serve
+
+    def _client_streaming(self, handler, name: str):
+        """A client-streaming handler, pooled, each message bounded by the receive timeout."""
+        behaviour = handler.stream_stream if handler.response_streaming else handler.stream_unary
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler
+
+        async def serve(request_iterator, context: grpc.aio.ServicerContext):
+            connection, _ = await self._enter(name, context, True)
+            try:
+                async with contextlib.aclosing(self._paced(request_iterator)) as requests:
+                    if inspect.isasyncgenfunction(behaviour):
+                        async for response in behaviour(requests, context):
+                            await context.write(response)
+                        return None
+                    return await behaviour(requests, context)
+            finally:
+                self._leave(connection, True)
+
+        factory = grpc.stream_stream_rpc_method_handler if handler.response_streaming \
+            else grpc.stream_unary_rpc_method_handler
+        return factory(serve, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    async def _paced(self, request_iterator):
+        """The call's messages, each of which must arrive within ``receive_timeout_s`` of the
+        previous one (the stream as a whole may take longer: the client's deadline bounds it)."""
+        messages = aiter(request_iterator)
+        received = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(messages), self.receive_timeout_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"message {received + 1} of the stream did not arrive within {self.receive_timeout_s:g} s of "
+                    "the previous one (--request-receive-timeout-s): keep the stream moving") from None
+            received += 1
+            yield message
 
     async def _enter(self, name: str, context: grpc.aio.ServicerContext,
                      pooled: bool) -> tuple[str | None, Principal | None]:

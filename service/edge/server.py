@@ -1,6 +1,7 @@
 """The gRPC server: binding, health, reflection, TLS, metrics and graceful stop, around the
-:class:`service.edge.servicer.SegmentationServicer` (where auth, admission, deadlines, the
-error mapping and the audit line live; see that module)."""
+:class:`service.edge.servicer.SegmentationServicer` and the
+:class:`service.edge.volume_servicer.VolumesServicer` (where auth, admission, deadlines, the
+error mapping and the audit line live; see service.edge.servicer). Both share one admission."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from service.edge.deadline import DeadlineBoundBackend
 from service.edge.health import SERVICE_NAME, Health, ProbeGate, create_health_server
 from service.edge.intake import IntakeGate, Rejected
 from service.edge.servicer import SegmentationServicer, _request_id
+from service.edge.volume_convert import SERVICE_NAME as VOLUMES_SERVICE_NAME
+from service.edge.volume_servicer import VolumesServicer
 from service.inference import work
 from service.inference.gateway import Gateway
 from service.observability import audit
@@ -82,11 +85,13 @@ CHEAP_RPC_HEADROOM = 16
 
 
 def concurrent_rpc_limit(settings: Settings) -> int:
-    """Segmentation RPCs open at once, enforced by the intake gate before a request is read
-    (:mod:`service.edge.intake`): the admission bounds plus headroom for cheap calls
-    (ListModels, calls being rejected). Each open RPC may hold one request of up to
-    --max-request-bytes, so request memory is at most this many times --max-request-bytes,
-    whatever the offered load. Health and reflection are outside this pool."""
+    """Segmentation and Volumes RPCs open at once, enforced by the intake gate before a request
+    is read (:mod:`service.edge.intake`): the admission bounds plus headroom for cheap calls
+    (ListModels, calls being rejected). Each open unary RPC may hold one request of up to
+    --max-request-bytes, so their request memory is at most this many times --max-request-bytes,
+    whatever the offered load; an open UploadVolume holds what it has received so far (at most
+    --max-volume-bytes, checked by the volume service as it arrives). Health and reflection are
+    outside this pool."""
     return settings.max_inflight + settings.max_queue + CHEAP_RPC_HEADROOM
 
 
@@ -121,11 +126,13 @@ async def create_server(settings: Settings, gateway: Gateway, authenticator: Aut
     server = grpc.aio.server(options=server_options(settings), interceptors=[intake, gate])
     admission = Admission.from_settings(settings, gateway.metrics.registry)
     SegmentationServicer(gateway, authenticator, admission).add_to_server(server)
-    checker = Health()
+    VolumesServicer(gateway, authenticator, admission).add_to_server(server)
+    checker = Health((SERVICE_NAME, VOLUMES_SERVICE_NAME))
     await checker.set_serving(False)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, VOLUMES_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:

@@ -20,6 +20,7 @@ from service.inference.observer import Observer
 from service.backends.repository import SamModel, SegmenterModel, discover
 from service.inference.pipeline import SamPipeline
 from service.inference.segmenter_pipeline import SegmenterPipeline
+from service.inference.volumes import VolumeService
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Gateway:
                                           settings.max_prompts, settings.backend_timeout_s)
             for name, model in models.items()
         }
+        self.volumes = VolumeService(self.pipeline, backend, metrics, settings)
         self.ready = False
         self._on_ready_change: list[Callable[[bool], Awaitable[None]]] = []
 

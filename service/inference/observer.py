@@ -30,6 +30,13 @@ class Observer(Protocol):
 
     def backend_ready(self, ready: bool) -> None: ...
 
+    def volume_event(self, event: str, model: str = "", n: int = 1) -> None:
+        """Count a volume event (slice_segmented, slice_embedded, embedding_reused,
+        stream_stopped, upload, expired, ...)."""
+
+    def volumes_changed(self, volumes: int, stored_bytes: int) -> None:
+        """The volume store now holds ``volumes`` volumes of ``stored_bytes`` bytes."""
+
 
 class NullObserver:
     """Reports nothing (tools, benchmarks and tests that run the inference layer alone)."""
@@ -52,4 +59,10 @@ class NullObserver:
         pass
 
     def backend_ready(self, ready: bool) -> None:
+        pass
+
+    def volume_event(self, event: str, model: str = "", n: int = 1) -> None:
+        pass
+
+    def volumes_changed(self, volumes: int, stored_bytes: int) -> None:
         pass

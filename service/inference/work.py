@@ -157,6 +157,13 @@ def current() -> CallWork | None:
     return _CURRENT.get()
 
 
+def check_current(stage: str = "the next stage") -> None:
+    """:meth:`CallWork.check` of the current call, if any."""
+    work = _CURRENT.get()
+    if work is not None:
+        work.check(stage)
+
+
 @contextlib.contextmanager
 def bound(work: CallWork | None) -> Iterator[CallWork | None]:
     """Make ``work`` current for the body (``None``: no call, e.g. work shared by several)."""

@@ -46,6 +46,8 @@ class AuditRecord:
     prompts: int | None = None
     image_height: int | None = None
     image_width: int | None = None
+    # slices of the volume a Volumes call is about (image_height/width: one slice), else None
+    image_depth: int | None = None
     status: str = "UNKNOWN"
     # why a RESOURCE_EXHAUSTED call was refused (queue_full, caller_rate, caller_inflight,
     # request_memory, abandoned, answer_size, limit), else None

@@ -31,6 +31,11 @@ class Metrics:
         self.cache_entries = Gauge("medseg_embedding_cache_entries", "Embeddings held", registry=r)
         self.cache_evictions = Gauge("medseg_embedding_cache_evictions", "Embeddings evicted for space so far",
                                      registry=r)
+        self.volume_events = Counter("medseg_volume_events", "Volume work: slice_segmented, slice_embedded, "
+                                     "embedding_reused, stream_stopped (client gone or deadline), upload, expired",
+                                     ["event", "model"], registry=r)
+        self.volumes_stored = Gauge("medseg_volumes_stored", "Uploaded volumes held", registry=r)
+        self.volumes_bytes = Gauge("medseg_volumes_stored_bytes", "Bytes of uploaded volumes held", registry=r)
         self.backend_ready_gauge = Gauge("medseg_backend_ready", "1 when the backend serves every model", ["backend"],
                                    registry=r)
 
@@ -54,6 +59,13 @@ class Metrics:
         self.cache_bytes.set(cache.bytes)
         self.cache_entries.set(len(cache))
         self.cache_evictions.set(cache.evictions)
+
+    def volume_event(self, event: str, model: str = "", n: int = 1) -> None:
+        self.volume_events.labels(event, model).inc(n)
+
+    def volumes_changed(self, volumes: int, stored_bytes: int) -> None:
+        self.volumes_stored.set(volumes)
+        self.volumes_bytes.set(stored_bytes)
 
     def serve_http(self, host: str, port: int):
         """Start the /metrics HTTP server; returns (server, thread). Port 0 picks a free port."""

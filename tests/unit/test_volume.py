@@ -203,7 +203,7 @@ def test_ct_series_window_defaults_to_the_files(ct_files):
     assert (vol.window, vol.window_source) == (Window(40.0, 400.0), "modality default")
     mr = [edit(f, remove=("WindowCenter", "WindowWidth"), Modality="MR") for f in ct_files[:4]]
     vol = load_volume(dicom_source(mr))
-    assert vol.window_source == "percentiles" and vol.modality == "MR"
+    assert vol.window_source == "slice percentiles" and vol.modality == "MR"
     hu = vol.voxels.astype(np.float64) - 1024
     lo, hi = np.percentile(hu, (0.5, 99.5))
     assert vol.window.center == pytest.approx((lo + hi) / 2) and vol.window.width == pytest.approx(hi - lo)
@@ -243,7 +243,7 @@ def test_nii_gz_is_inflated_into_one_buffer(monkeypatch):
 # --------------------------------------------------------------------------- NIfTI masks and orientation
 def test_colin27_reference_masks_round_trip_exactly(tmp_path):
     image = load_volume(nifti_source(read(COLIN / "image.nii.gz")))
-    assert image.window_source == "percentiles" and image.in_plane == InPlane()
+    assert image.window_source == "slice percentiles" and image.in_plane == InPlane()
     for name in ("brain", "hippocampus_left", "putamen_right"):
         path = COLIN / "masks" / f"{name}.nii.gz"
         stored = np.asanyarray(nib.load(path).dataobj)
@@ -554,7 +554,7 @@ def test_nifti_dimensions():
     assert "not a volume" in error(InvalidImage, nifti_source(two))
     one_volume = load_volume(nifti_source(nifti_bytes(np.ones((4, 5, 6, 1), np.int16))))
     assert one_volume.input_shape == (4, 5, 6) and one_volume.depth == 6
-    assert one_volume.window == Window(1.0, 1.0) and float(one_volume.slice_pixels(0)[0, 0]) == 0.5
+    assert one_volume.window == Window(1.0, 1.0) and float(one_volume.slice_pixels(0)[0, 0]) == 0.0  # a constant slice: zeros, as the 2-D percentile rule
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
@@ -610,7 +610,7 @@ def test_nifti_scaling_and_uncompressed_view():
     assert vol.spacing_mm == (3.0, 2.0, 4.0) and vol.window_source == "request"
     flipped = load_volume(nifti_source(nifti_bytes(array, scl_slope=-2.0, scl_inter=10.0)))
     lo, hi = np.percentile(array * -2.0 + 10.0, (0.5, 99.5))
-    assert flipped.window_source == "percentiles"
+    assert flipped.window_source == "slice percentiles"
     assert (flipped.window.center, flipped.window.width) == pytest.approx(((lo + hi) / 2, hi - lo))
     unscaled = load_volume(nifti_source(nifti_bytes(array, scl_slope=0.0, scl_inter=5.0)))
     assert (unscaled.slope, unscaled.intercept) == (1.0, 0.0)
@@ -660,7 +660,7 @@ def test_percentile_window_uses_a_bounded_deterministic_subsample(monkeypatch):
     array = rng.integers(0, 1000, size=(20, 64, 64)).astype(np.int16)
     monkeypatch.setattr(volume_module, "PERCENTILE_SAMPLES", 5000)
     vol = load_volume(raw_source(array))
-    assert vol.window_source == "percentiles"
+    assert vol.window_source == "slice percentiles"
     lo, hi = np.percentile(array.astype(np.float64), (0.5, 99.5))
     assert vol.window.center == pytest.approx((lo + hi) / 2, rel=0.05)
     assert vol.window.width == pytest.approx(hi - lo, rel=0.05)
