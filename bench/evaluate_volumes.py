@@ -105,6 +105,24 @@ def worst_slice(pred: np.ndarray, ref: np.ndarray, anchors: set[int]) -> int | N
     return None
 
 
+def correction(k: int, pred: np.ndarray, ref: np.ndarray) -> tuple[prop.Interaction, str]:
+    """The simulated user's interaction on slice ``k``: its reference box; or, when ``k`` has
+    no reference pixels, erasing the wrong run from ``k`` outwards (the mask ran past the
+    structure's end: the user erases from there to where the mask stops, one interaction)."""
+    if ref[k].any():
+        return prop.Interaction(k, prop.bounding_box(ref[k])), f"box on slice {k}"
+    has_ref = np.flatnonzero(ref.reshape(len(ref), -1).any(axis=1))
+    has_pred = pred.reshape(len(pred), -1).any(axis=1)
+    lo = hi = k
+    if has_ref.size and k > has_ref[-1]:
+        while hi + 1 < len(pred) and has_pred[hi + 1]:
+            hi += 1
+    elif has_ref.size and k < has_ref[0]:
+        while lo - 1 >= 0 and has_pred[lo - 1]:
+            lo -= 1
+    return prop.Interaction(erase=(lo, hi)), f"erase slices {lo}-{hi}"
+
+
 def evaluate_structure(vp: VolumePredictor, ref: np.ndarray, spacing: tuple[float, float, float],
                        corrections: int) -> dict:
     """One structure: oracle, one box, corrections (see the module doc)."""
@@ -126,10 +144,7 @@ def evaluate_structure(vp: VolumePredictor, ref: np.ndarray, spacing: tuple[floa
             break
         before = visits.seconds()
         t = time.perf_counter()
-        if ref[k].any():
-            step, action = prop.Interaction(k, prop.bounding_box(ref[k])), f"box on slice {k}"
-        else:
-            step, action = prop.Interaction(erase=(k, k)), f"erase slice {k}"
+        step, action = correction(k, pred, ref)
         pred = segment.apply(step)
         steps.append({"step": i, "action": action, "dice": dice(pred, ref), "nsd": nsd(pred, ref, zyx),
                       "seconds": visits.seconds() - before, "wall_s": time.perf_counter() - t})
