@@ -27,7 +27,7 @@ from medseg_client.__main__ import main as cli
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import volumes_pb2 as vpb
 from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
-from tests.harness import wait_for
+from tests.harness import metric_value, wait_for
 
 # Left amygdala (slices 44..61): largest on slice 56. (The left pallidum, as low in contrast as it is
 # in T1 under the one window of the whole volume, gets Dice ~0.3 from LiteMedSAM here; the same box
@@ -277,6 +277,14 @@ def test_a_cancel_mid_stream_stops_the_call_and_the_next_call_succeeds(client, g
     assert info.value.code() == grpc.StatusCode.CANCELLED
     wait_for(lambda: sum(line["status"] == "CANCELLED" for line in _audit_lines(gateway, "SegmentVolume"))
              > cancelled_before, 10, "the cancelled call's audit line")
+    # the server's work stopped: counted as a stopped stream, and no slice is decoded after it
+    wait_for(lambda: metric_value(gateway.metrics_text(), "medseg_volume_events_total", default=0.0,
+                                  event="stream_stopped", model="medsam_lite") >= 1, 10, "the stopped-stream count")
+    segmented = metric_value(gateway.metrics_text(), "medseg_volume_events_total", event="slice_segmented",
+                             model="medsam_lite")
+    time.sleep(1.5)  # several slices' time on this machine
+    assert metric_value(gateway.metrics_text(), "medseg_volume_events_total", event="slice_segmented",
+                        model="medsam_lite") == segmented
     slices, summary, _, _ = read_stream(client.segment_volume(colin_volume.volume_id, slice_index=COLIN_SLICE,
                                                               box=box, range=(COLIN_SLICE, COLIN_SLICE)))
     assert [s.slice_index for s in slices] == [COLIN_SLICE] and summary.voxel_count == slices[0].area

@@ -168,3 +168,47 @@ def test_smoke_model_is_listed_and_served_prompt_free_by_a_real_gateway(smoke, t
             assert pb.PROMPT_KIND_BOX not in info.prompt_kinds
     finally:
         gw.stop()
+
+
+@pytest.mark.slow
+def test_smoke_model_segments_every_slice_of_a_volume_as_the_2d_path_does(smoke):
+    """A prompt-free segmenter over a volume (SegmentVolume without a box): every slice of the
+    range, streamed, each mask the one the 2-D Segment gives for that slice."""
+    from service.backends import create_backend
+    from service.core.domain import ImageInput, MaskEncoding, RawPixels, SegmentRequest
+    from service.core.mask_codec import encode_mask
+    from service.core.volume import VolumeSource
+    from service.inference.gateway import Gateway
+    from service.inference.observer import NullObserver
+    from service.inference.volumes import SegmentVolumeRequest, SliceMask, VolumeSummary
+    from service.settings import Settings
+
+    images = [np.ascontiguousarray(case.image, dtype=np.float32) for case in smoke["dev"]]
+    h, w = images[0].shape[:2]
+    stack = np.stack([im if im.shape == (h, w) else np.zeros((h, w), np.float32) for im in images * 2])
+
+    async def run():
+        settings = Settings(model_repository=smoke["repo"], default_model="unet_smoke", ort_threads=1)
+        gateway = Gateway(settings, create_backend(settings), NullObserver())
+        await gateway.start()
+        try:
+            info = await gateway.volumes.upload(VolumeSource("raw", data=stack.tobytes(), dtype="float32",
+                                                             shape=stack.shape, spacing_mm=(1.0, 1.0, 2.0)), "")
+            items = [item async for item in gateway.volumes.segment(
+                SegmentVolumeRequest(info.volume_id, "unet_smoke", encoding=MaskEncoding.BITS), "")]
+            two_d = []
+            for k in range(len(stack)):
+                raw = RawPixels("float32", (h, w), stack[k].tobytes())
+                result = await gateway.segment(SegmentRequest(model="unet_smoke", image=ImageInput(raw=raw), prompts=(),
+                                                              encoding=MaskEncoding.BITS))
+                two_d.append(result.masks[0].encoded)
+            return items, two_d
+        finally:
+            await gateway.close()
+
+    items, two_d = asyncio.run(run())
+    slices = [i for i in items if isinstance(i, SliceMask)]
+    assert isinstance(items[-1], VolumeSummary) and items[-1].model == "unet_smoke"
+    empty = encode_mask(np.zeros((h, w), bool), MaskEncoding.BITS)
+    expected = {k: m for k, m in enumerate(two_d) if m != empty}
+    assert {s.slice_index: s.encoded for s in slices} == expected and expected
