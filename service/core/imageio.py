@@ -48,7 +48,10 @@ Intensity normalisation (the contract of ``segmentation.proto``, message Image):
   window, else the file's first WindowCenter/WindowWidth (same linear map), else its VOI
   LUT Sequence (output / (2**bits - 1)), else the modality default (CT: 40/400 HU), else
   the percentile rule; MONOCHROME1 is then inverted (``1 - v``) so it looks as a viewer
-  shows it. DICOM RGB/YBR: ``/ (2**BitsStored - 1)``. Multi-frame: frame ``slice_index``
+  shows it. DICOM RGB/YBR: ``/ (2**BitsStored - 1)``. DICOM PALETTE COLOR becomes RGB through its
+  Palette Color LUTs (pydicom's ``apply_color_lut``; an Alpha LUT is dropped), then
+  ``/ (2**bits - 1)`` with ``bits`` the depth of the LUT entries (8 or 16), or the window
+  on those RGB values when the request gives one. Multi-frame: frame ``slice_index``
   (default the middle one);
 * NIfTI: 2-D or 3-D (trailing singleton axes ignored), scl_slope/scl_inter applied; a volume
   gives slice ``k = slice_index`` (default middle) along the LAST voxel axis. Orientation
@@ -91,14 +94,14 @@ from pydicom.dataset import FileDataset
 from pydicom.encaps import get_frame
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
 from service.core.domain import DecodedImage, ImageInput, ImageLimits, RawPixels, Window
 from service.core.codestreams import MAX_J2K_TILES, MAX_JPEG_SCANS, j2k_header, jpeg_header
 from service.core.errors import InvalidImage, PayloadTooLarge, ServiceError
 
 __all__ = ["CT_DEFAULT_WINDOW", "DEFLATE_HEAD", "DEFLATE_TRAILER", "GZIP_EXPANSION", "MAX_J2K_TILES",
-           "MAX_JPEG_SCANS", "RAW_DTYPES", "DecodeEstimate", "decode_image", "dicom_window",
+           "MAX_JPEG_SCANS", "RAW_DTYPES", "DecodeEstimate", "decode_image", "dicom_header", "dicom_window",
            "estimate_decode_bytes", "normalise"]
 
 RAW_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
@@ -250,6 +253,57 @@ def dicom_window(ds: pydicom.Dataset) -> Window | None:
             return None
     window = Window(center=values[0], width=values[1])
     return window if _window_ok(window) else None
+
+
+def dicom_header(data: bytes, limits: ImageLimits = ImageLimits()) -> pydicom.Dataset:
+    """The data set of one DICOM Part 10 image WITHOUT its Pixel Data: the header a derived
+    object (a DICOM SEG, service/core/dicom_seg.py) references and copies its patient/study
+    modules from. Read by the same bounded reader as :func:`decode_image` (a deflated data
+    set is inflated only up to its Pixel Data) and checked as an image (pixel attributes,
+    size, transfer syntax), so it fails exactly where :func:`decode_image` would on the
+    header. The result holds no reference to ``data`` (small memory: the attributes only).
+
+    :class:`InvalidImage` (not a DICOM Part 10 image, or what is wrong with its header),
+    :class:`PayloadTooLarge` (over ``limits``).
+    """
+    if not data:
+        raise InvalidImage("image.encoded is empty")
+    if len(data) > limits.max_encoded_bytes:
+        raise PayloadTooLarge(f"encoded image is {len(data)} bytes; the limit is {limits.max_encoded_bytes} bytes")
+    if data[128:132] != b"DICM":
+        raise InvalidImage("not a DICOM Part 10 file (no 'DICM' marker at byte 128)")
+    with _translating("dicom"):
+        ds, _ = _read_dicom(data, limits, pixels=False)
+        _dicom_pixels(ds, limits, with_pixel_data=False)
+    return _detach(ds)
+
+
+def _detach(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` without the reference pydicom keeps to the buffer it was read from (the whole
+    file, Pixel Data included); nothing is read from it later (no deferred elements)."""
+    if isinstance(ds, FileDataset):
+        ds.buffer = None
+        ds.filename = None
+    return ds
+
+
+def _header_bytes(data: bytes, ds: pydicom.Dataset) -> bytes:
+    """The Part 10 bytes of ``ds`` (read from ``data`` by :func:`_read_dicom` with
+    ``pixels=False``) without Pixel Data: ``data`` cut where pydicom stopped, before the Pixel
+    Data element (no copy of the pixels, no re-encoding), else (deflated, or pydicom stopped
+    elsewhere) ``ds`` written anew in its own transfer syntax. :func:`_read_dicom` of the
+    result gives ``ds`` again."""
+    buffer = getattr(ds, "buffer", None)
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    tag = b"\x7f\xe0\x00\x10" if syntax == dicom_uid.ExplicitVRBigEndian else _PIXEL_DATA_HEADER
+    if (syntax != dicom_uid.DeflatedExplicitVRLittleEndian and isinstance(buffer, io.BytesIO)
+            and "PixelData" not in ds):
+        at = buffer.tell()
+        if 132 < at <= len(data) - 4 and data[at:at + 4] == tag:
+            return bytes(data[:at])
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=False)
+    return out.getvalue()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -527,9 +581,14 @@ _J2K_SYNTAXES = frozenset({dicom_uid.JPEG2000Lossless, dicom_uid.JPEG2000, dicom
                            dicom_uid.HTJ2KLosslessRPCL, dicom_uid.HTJ2K})
 _PIXEL_DATA = 0x7FE00010
 _PIXEL_DATA_HEADER = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
-_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
-                          "YBR_PARTIAL_420", "YBR_PARTIAL_422"})
+_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                          "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"})
 _BITS_ALLOCATED = (1, 8, 16, 32)
+MAX_PALETTE_ENTRIES = 1 << 16  # a Palette Color LUT has at most 2**16 entries (descriptor value 0)
+# Bytes per pixel apply_color_lut allocates beside the index frame, at 16-bit entries: the
+# clipped index copy (2), the mask of mapped indices (1), the masked indices and their
+# difference to the first mapped value (2 + 8), the RGBA output (8) and one channel's gather (2).
+_PALETTE_BYTES = 24
 
 
 @dataclass(frozen=True)
@@ -584,19 +643,17 @@ def _dicom_pixels(ds: pydicom.Dataset, limits: ImageLimits, *, with_pixel_data: 
         raise InvalidImage(f"DICOM transfer syntax {name} is not supported; send uncompressed DICOM or one of "
                            "RLE, JPEG, JPEG-LS, JPEG 2000")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        raise InvalidImage("DICOM PALETTE COLOR images are not supported; send RGB or greyscale")
     if not photometric:
         raise InvalidImage("DICOM image has no PhotometricInterpretation")
     if photometric not in _PHOTOMETRIC:
         raise InvalidImage("DICOM PhotometricInterpretation is not supported; expected MONOCHROME1, MONOCHROME2, "
-                           "RGB or YBR")
+                           "PALETTE COLOR, RGB or YBR")
     rows, columns = _dicom_int(ds, "Rows"), _dicom_int(ds, "Columns")
     _check_size(rows, columns, limits)
     samples = _dicom_int(ds, "SamplesPerPixel", 1)
     if samples not in (1, 3):
         raise InvalidImage(f"DICOM SamplesPerPixel {samples} is not supported; expected 1 (greyscale) or 3 (colour)")
-    if (samples == 1) != photometric.startswith("MONOCHROME"):
+    if (samples == 1) != (photometric.startswith("MONOCHROME") or photometric == "PALETTE COLOR"):
         raise InvalidImage(f"DICOM PhotometricInterpretation {photometric} does not fit SamplesPerPixel {samples}")
     bits_allocated = _dicom_int(ds, "BitsAllocated")
     if bits_allocated not in _BITS_ALLOCATED:
@@ -607,6 +664,11 @@ def _dicom_pixels(ds: pydicom.Dataset, limits: ImageLimits, *, with_pixel_data: 
     frames = _dicom_int(ds, "NumberOfFrames", 1) or 1
     if frames < 1:
         raise InvalidImage(f"DICOM NumberOfFrames {frames} is invalid")
+    if photometric == "PALETTE COLOR":
+        if bits_allocated not in (8, 16):
+            raise InvalidImage(f"DICOM PALETTE COLOR with BitsAllocated {bits_allocated} is not supported; "
+                               "expected 8 or 16")
+        _palette_depth(ds, little_endian=syntax != dicom_uid.ExplicitVRBigEndian)
     return _DicomPixels(syntax, rows, columns, samples, bits_allocated, bits_stored, frames, photometric)
 
 
@@ -622,6 +684,63 @@ def _no_pixel_data(ds: pydicom.Dataset) -> None:
         raise InvalidImage(f"DICOM file holds no image: its SOP class is {name}, which has no Pixel Data")
     raise InvalidImage("DICOM file has no Pixel Data element" + (f" (SOP class {name})" if name else "")
                        + ", or it is truncated before it")
+
+
+_LUT_COLOURS = ("Red", "Green", "Blue", "Alpha")
+
+
+def _palette_depth(ds: pydicom.Dataset, *, little_endian: bool) -> int:
+    """Check the Palette Color LUT module of a PALETTE COLOR data set, as far as
+    ``apply_color_lut`` will read it, and return the nominal bits of its entries (8 or 16).
+    A segmented LUT is walked first: pydicom expands it in Python without a bound, so it must
+    describe at most :data:`MAX_PALETTE_ENTRIES` entries, and indirect segments (which can
+    reference each other) are refused."""
+    try:
+        entries, _, bits = (int(v) for v in ds.get("RedPaletteColorLookupTableDescriptor"))
+    except (TypeError, ValueError):  # absent, or not three numbers
+        raise InvalidImage("DICOM PALETTE COLOR image has no valid Red Palette Color Lookup Table Descriptor "
+                           "(three numbers)") from None
+    if bits not in (8, 16):
+        raise InvalidImage(f"DICOM palette colour lookup table entries of {bits} bits are not supported; "
+                           "expected 8 or 16")
+    if not 0 <= entries < MAX_PALETTE_ENTRIES:
+        raise InvalidImage(f"DICOM palette colour lookup table descriptor declares {entries} entries; "
+                           f"expected 0 ({MAX_PALETTE_ENTRIES}) to {MAX_PALETTE_ENTRIES - 1}")
+    if all(f"{colour}PaletteColorLookupTableData" in ds for colour in _LUT_COLOURS[:3]):
+        return bits
+    if not all(f"Segmented{colour}PaletteColorLookupTableData" in ds for colour in _LUT_COLOURS[:3]):
+        raise InvalidImage("DICOM PALETTE COLOR image has no Red, Green and Blue Palette Color Lookup Table Data "
+                           "(plain or segmented)")
+    dtype = np.dtype(("<" if little_endian else ">") + ("u1" if bits == 8 else "u2"))
+    for colour in _LUT_COLOURS:
+        raw = ds.get(f"Segmented{colour}PaletteColorLookupTableData")
+        if raw is None:
+            continue
+        raw = bytes(raw)
+        words = np.frombuffer(raw[:len(raw) // dtype.itemsize * dtype.itemsize], dtype=dtype)
+        if len(words) > 3 * MAX_PALETTE_ENTRIES + 2:  # a linear segment of one entry takes 3 words
+            raise InvalidImage(f"DICOM segmented palette colour lookup table has {len(words)} words, more than "
+                               f"{MAX_PALETTE_ENTRIES} entries can need")
+        total, at = 0, 0
+        while at + 1 < len(words):  # as pydicom's _expand_segmented_lut walks it
+            opcode, length = int(words[at]), int(words[at + 1])
+            if opcode not in (0, 1):
+                raise InvalidImage("DICOM segmented palette colour lookup tables with indirect or unknown segments "
+                                   "are not supported; send the LUTs unsegmented, or RGB")
+            at += 2 + (length if opcode == 0 else 1)
+            total += length
+            if total > MAX_PALETTE_ENTRIES:
+                raise InvalidImage(f"DICOM segmented palette colour lookup table expands to more than "
+                                   f"{MAX_PALETTE_ENTRIES} entries")
+    return bits
+
+
+def _palette_rgb(frame: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, np.float32]:
+    """A PALETTE COLOR frame as RGB (alpha dropped) and the full scale of its values: 255 for
+    8-bit LUT entries (also 8-bit values held in 16-bit words), else 65535."""
+    rgb = apply_color_lut(frame, ds)[..., :3]
+    eight = rgb.dtype == np.uint8 or (int(ds.RedPaletteColorLookupTableDescriptor[2]) == 8 and rgb.max() <= 255)
+    return rgb, np.float32(255 if eight else 65535)
 
 
 def _read_dicom(data: bytes, limits: ImageLimits, *, pixels: bool = True) -> tuple[pydicom.Dataset, int]:
@@ -728,7 +847,11 @@ def _dicom_plan(data: bytes, limits: ImageLimits) -> _Plan:
         # (OpenJPEG holds int32 per sample, libjpeg/CharLS a component buffer)
         extra += len(data) + attrs.rows * attrs.columns * attrs.samples * 4
     copies = 3 if attrs.samples == 3 else 2  # YBR -> RGB conversion
-    return _Plan(attrs.rows, attrs.columns, attrs.samples, itemsize, extra, copies)
+    samples = attrs.samples
+    if attrs.photometric == "PALETTE COLOR":
+        extra += attrs.rows * attrs.columns * _PALETTE_BYTES  # apply_color_lut
+        samples = 3  # RGB out: the native arrays counted at 3 samples, the float stages on 3 channels
+    return _Plan(attrs.rows, attrs.columns, samples, itemsize, extra, copies)
 
 
 def _dicom_frame(data: bytes, limits: ImageLimits, slice_index: int | None) -> tuple[np.ndarray, pydicom.Dataset,
@@ -755,9 +878,15 @@ def _dicom_frame(data: bytes, limits: ImageLimits, slice_index: int | None) -> t
 
 def _decode_dicom(data: bytes, inp: ImageInput, limits: ImageLimits) -> DecodedImage:
     frame, ds, attrs = _dicom_frame(data, limits, inp.slice_index)
+    full_scale = None
+    if attrs.photometric == "PALETTE COLOR":
+        with _stage("DICOM PALETTE COLOR lookup tables are invalid or do not fit the Pixel Data"):
+            frame, full_scale = _palette_rgb(frame, ds)
     with _stage("DICOM pixel attributes (rescale, window, VOI LUT) are invalid"):
         if frame.ndim == 3:
-            pixels = normalise(frame, inp.window) if inp.window is not None else frame / _full_scale(attrs.bits_stored)
+            if full_scale is None and inp.window is None:
+                full_scale = _full_scale(attrs.bits_stored)
+            pixels = normalise(frame, inp.window) if inp.window is not None else frame / full_scale
         else:
             pixels = _dicom_grey(frame, ds, inp.window)
             if attrs.photometric == "MONOCHROME1":

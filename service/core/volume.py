@@ -45,7 +45,10 @@ Reading (memory bounded before anything is allocated, as in :mod:`service.core.i
   ``angle_tolerance_deg``, and positions off the line from the first to the last slice by
   more than ``spacing_tolerance`` x the median gap. ``extra["file_order"]``: the upload
   index (0-based) of each sorted slice; ``extra["monochrome1"]``: True when the series is
-  MONOCHROME1 (:meth:`Volume.slice_pixels` then inverts, as the 2-D decoder does).
+  MONOCHROME1 (:meth:`Volume.slice_pixels` then inverts, as the 2-D decoder does);
+  ``extra["dicom_header_bytes"]``: each sorted file's Part 10 bytes without its Pixel Data
+  (cut before it, no copy of the pixels), parsed by :meth:`Volume.dicom_headers` for a
+  derived object such as a DICOM SEG (service/core/dicom_seg.py).
 * **NIfTI.** The header first; a .nii.gz is inflated, in chunks into one preallocated
   buffer, only as far as the header declares (never past ``max_volume_bytes``), a .nii is
   viewed in place. ``voxels`` is a view of the stored (Fortran-order) array; trailing
@@ -60,6 +63,7 @@ upload order, 1-based); never a DICOM tag value. Nothing is logged.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import operator
 import zlib
@@ -78,8 +82,10 @@ from service.core.imageio import (
     CT_DEFAULT_WINDOW,
     RAW_DTYPES,
     _check_window,
+    _detach,
     _dicom_frame,
     _dicom_pixels,
+    _header_bytes,
     _nifti_head,
     _read_dicom,
     _translating,
@@ -214,6 +220,21 @@ class Volume:
         if t.flip_rows:
             mask = mask[::-1]
         return mask.T if t.transpose else mask
+
+    def dicom_headers(self) -> tuple[pydicom.Dataset, ...]:
+        """A DICOM series' files' data sets without Pixel Data, in slice order (``[k]`` is the
+        file of slice ``k``), parsed afresh from ``extra["dicom_header_bytes"]`` on each call
+        (the caller may change them; the volume is shared and keeps only those bytes: about
+        the size of each file's attributes, 1.3 KB for a file of the real CT series, where
+        kept Datasets would cost about 20 KB each in Python objects). What a DICOM SEG of
+        this volume references and copies its patient/study modules from
+        (service/core/dicom_seg.py); their values must not be logged."""
+        headers = self.extra.get("dicom_header_bytes")
+        if self.source_format != "dicom_series" or not headers:
+            raise InvalidArgument(f"the volume is a {self.source_format} upload, not a DICOM series: it has no "
+                                  "DICOM headers")
+        with _translating("dicom"):
+            return tuple(_detach(pydicom.dcmread(io.BytesIO(data))) for data in headers)
 
     def mask_to_model(self, mask: np.ndarray) -> np.ndarray:
         """bool ``(h, w)`` input convention -> bool ``(H, W)`` model orientation (a view)."""
@@ -627,6 +648,7 @@ class _SliceHeader:
     window: Window | None
     modality: str | None
     thickness: float | None  # SpacingBetweenSlices, else SliceThickness (only used for a 1-file series)
+    header: bytes = field(default=b"", repr=False)  # the file's Part 10 bytes without Pixel Data
 
     @property
     def normal(self) -> np.ndarray:
@@ -685,10 +707,11 @@ def _slice_header(data: bytes, number: int, limits: ImageLimits) -> _SliceHeader
     with _dicom_file(number):
         ds, _ = _read_dicom(data, limits, pixels=False)
         attrs = _dicom_pixels(ds, limits, with_pixel_data=False)
+        header = _header_bytes(data, ds)
     if attrs.frames > 1:
         raise InvalidImage(f"DICOM file {number} is a multi-frame image ({attrs.frames} frames): send single-frame "
                            "files, or the frames as a raw array")
-    if attrs.samples != 1:
+    if attrs.samples != 1 or attrs.photometric == "PALETTE COLOR":
         raise InvalidImage(f"DICOM file {number} is a colour image ({attrs.photometric}); a volume must be "
                            "greyscale")
     iop = _floats(ds, "ImageOrientationPatient", 6, number)
@@ -714,7 +737,8 @@ def _slice_header(data: bytes, number: int, limits: ImageLimits) -> _SliceHeader
         signed=_optional_float(ds, "PixelRepresentation", 0.0, number) == 1.0, photometric=attrs.photometric,
         position=position, row_dir=row_dir, col_dir=col_dir, spacing=(float(spacing[0]), float(spacing[1])),
         slope=float(slope), intercept=float(_optional_float(ds, "RescaleIntercept", 0.0, number)),
-        window=dicom_window(ds), modality=modality, thickness=thickness if thickness and thickness > 0 else None)
+        window=dicom_window(ds), modality=modality, thickness=thickness if thickness and thickness > 0 else None,
+        header=header)
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
@@ -837,7 +861,8 @@ def _load_dicom_series(source: VolumeSource, limits: VolumeLimits) -> Volume:
                                            top.intercept)
     affine = _dicom_affine(ordered, slice_spacing)
     in_plane = _in_plane(affine[:3, 0], affine[:3, 1])  # columns: axis 0, rows: axis 1, both increasing
-    extra: dict[str, object] = {"file_order": tuple(h.number - 1 for h in ordered)}
+    extra: dict[str, object] = {"file_order": tuple(h.number - 1 for h in ordered),
+                                "dicom_header_bytes": tuple(h.header for h in ordered)}
     if top.photometric == "MONOCHROME1":
         extra["monochrome1"] = True
     return Volume(voxels=voxels, slope=top.slope, intercept=top.intercept, window=window,

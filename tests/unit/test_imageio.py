@@ -653,6 +653,93 @@ def test_multiframe_compressed_dicom_selects_the_requested_frame(syntax):
     assert decode(data, window=window, slice_index=3).pixels[1, 1] == pytest.approx(0.75)
 
 
+# --------------------------------------------------------------------------- palette colour
+def palette_dicom(indices: np.ndarray, lut: np.ndarray, bits: int = 16, first: int = 0) -> Dataset:
+    """A PALETTE COLOR data set: ``indices`` through ``lut`` ((N, 3) or, with alpha, (N, 4)
+    entries, one 16-bit word each, as DICOM stores them), descriptor ``(N, first, bits)``."""
+    ds = canary_dicom(indices)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for i, colour in enumerate(("Red", "Green", "Blue", "Alpha")[:lut.shape[1]]):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [len(lut) % 65536, first, bits])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut[:, i].astype("<u2").tobytes())
+    return ds
+
+
+def test_dicom_palette_colour_file_becomes_rgb():
+    """pydicom's PALETTE COLOR example (8-bit indices, 256 entries of 16 bits): RGB through the
+    LUTs, scaled by 65535; a request window applies to those RGB values."""
+    data = pydicom_file("examples_palette.dcm")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.PhotometricInterpretation == "PALETTE COLOR" and ds.SamplesPerPixel == 1
+    assert list(ds.RedPaletteColorLookupTableDescriptor) == [256, 0, 16]
+    luts = [np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, "<u2") for c in ("Red", "Green", "Blue")]
+    rgb = np.stack([lut[ds.pixel_array] for lut in luts], axis=-1)  # written independently of apply_color_lut
+    image = decode(data)
+    assert image.pixels.shape == (int(ds.Rows), int(ds.Columns), 3) and image.pixels.dtype == np.float32
+    np.testing.assert_allclose(image.pixels, rgb / 65535.0, atol=1e-6)
+    assert len(np.unique(image.pixels.reshape(-1, 3), axis=0)) > 10  # colour, not a grey index image
+    windowed = decode(data, window=Window(center=20000.0, width=40000.0))
+    np.testing.assert_allclose(windowed.pixels, window01(rgb, 20000.0, 40000.0), atol=1e-6)
+
+
+def test_dicom_palette_lut_rules_first_mapped_value_clipping_8_bit_entries_and_alpha():
+    indices = np.array([[0, 9, 10, 11], [12, 13, 200, 255]], np.uint8)
+    lut = np.array([[0, 10, 20, 255], [50, 60, 70, 128], [100, 110, 120, 0], [250, 240, 230, 64]], np.uint16)
+    ds = palette_dicom(indices, lut, bits=8, first=10)  # 8-bit entries in 16-bit words, an Alpha LUT
+    image = decode(dicom_bytes(ds))
+    assert image.pixels.shape == (2, 4, 3)  # alpha dropped
+    # below the first mapped value: entry 0; then entry (index - 10); past the end: the last entry
+    expected = lut[[[0, 0, 0, 1], [2, 3, 3, 3]], :3] / 255.0
+    np.testing.assert_allclose(image.pixels, expected, atol=1e-6)
+    grey16 = np.array([[0, 1], [2, 60000]], np.uint16)  # 16-bit indices, 16-bit entries
+    lut16 = np.array([[0, 0, 0], [65535, 0, 0], [0, 65535, 32768]], np.uint16)
+    image = decode(dicom_bytes(palette_dicom(grey16, lut16)))
+    np.testing.assert_allclose(image.pixels, lut16[[[0, 1], [2, 2]]] / 65535.0, atol=1e-6)
+
+
+def _segmented(ds: Dataset, words: list[int], bits: int = 16) -> Dataset:
+    for colour in ("Red", "Green", "Blue"):
+        delattr(ds, f"{colour}PaletteColorLookupTableData")
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, bits])
+        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", np.array(words, "<u2").tobytes())
+    return ds
+
+
+def test_dicom_segmented_palette_decodes_and_a_segment_bomb_is_refused(tmp_path):
+    indices = np.array([[0, 1, 2, 3, 100, 255]], np.uint8)
+    base = palette_dicom(indices, np.zeros((256, 3), np.uint16))
+    # discrete 0, 1000; then a linear segment of 254 entries up to 65535 (256 entries in all)
+    image = decode(dicom_bytes(_segmented(base, [0, 2, 0, 1000, 1, 254, 65535])))
+    expanded = np.concatenate([[0, 1000], np.around(np.linspace(1000 + (65535 - 1000) / 254, 65535, 254))])
+    np.testing.assert_allclose(image.pixels[..., 0], expanded[indices] / 65535.0, atol=1e-6)
+    # 3 words per linear segment of 65535 entries: 600 bytes would expand to 6.5 million entries
+    bomb = palette_dicom(indices, np.zeros((256, 3), np.uint16))
+    data = dicom_bytes(_segmented(bomb, [0, 1, 0] + [1, 65535, 7] * 100))
+    assert_says(data, InvalidImage, "segmented palette", f"more than {65536} entries")
+    got = decode_in_subprocess(tmp_path, data)
+    assert got["outcome"] == "InvalidImage" and got["peak"] < 32 * MIB, got
+    indirect = palette_dicom(indices, np.zeros((256, 3), np.uint16))
+    assert_says(dicom_bytes(_segmented(indirect, [0, 1, 0, 2, 3, 0, 0])), InvalidImage, "indirect")
+
+
+def test_dicom_palette_errors_say_what_is_missing_or_wrong():
+    indices = np.zeros((4, 4), np.uint8)
+    lut = np.zeros((256, 3), np.uint16)
+    ds = palette_dicom(indices, lut)
+    del ds.GreenPaletteColorLookupTableData
+    assert_says(dicom_bytes(ds), InvalidImage, "PALETTE COLOR", "Lookup Table Data")
+    assert_says(dicom_bytes(palette_dicom(indices, lut, bits=12)), InvalidImage, "12 bits", "expected 8 or 16")
+    ds = palette_dicom(indices, lut)
+    del ds.RedPaletteColorLookupTableDescriptor
+    assert_says(dicom_bytes(ds), InvalidImage, "Red Palette Color Lookup Table Descriptor")
+    ds = palette_dicom(indices, lut[:2])
+    ds.GreenPaletteColorLookupTableData = lut[:3, 1].astype("<u2").tobytes()  # LUTs of different lengths
+    assert_says(dicom_bytes(ds), InvalidImage, "PALETTE COLOR lookup tables are invalid")
+    rgb = synthetic_dicom(np.zeros((4, 4, 3), np.uint8), photometric="RGB")
+    rgb.PhotometricInterpretation = "PALETTE COLOR"
+    assert_says(dicom_bytes(rgb), InvalidImage, "PALETTE COLOR does not fit SamplesPerPixel 3")
+
+
 # --------------------------------------------------------------------------- decoder messages
 def canary_dicom(array: np.ndarray | None = None, **attrs) -> Dataset:
     ds = synthetic_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) if array is None else array)
@@ -1023,7 +1110,7 @@ def test_jpeg_with_a_dnl_defined_height_is_refused():
 
 # --------------------------------------------------------------------------- the estimate
 ESTIMATE_CASES = ["png16", "jpeg_rgb", "tiff_float_zlib", "tiff_rgb_lzw", "dicom_ct", "dicom_j2k", "dicom_rle_rgb",
-                  "dicom_deflated", "nifti_gz"]
+                  "dicom_deflated", "dicom_palette", "nifti_gz"]
 
 
 def estimate_case(name: str) -> tuple[bytes, bytes | None]:
@@ -1051,6 +1138,9 @@ def estimate_case(name: str) -> tuple[bytes, bytes | None]:
         ds = synthetic_dicom(grey16)
         ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
         return dicom_bytes(ds), None
+    if name == "dicom_palette":  # 8-bit indices through 16-bit LUTs
+        lut = rng.integers(0, 65536, (256, 3)).astype(np.uint16)
+        return dicom_bytes(palette_dicom((grey16 // 16).astype(np.uint8), lut)), None
     assert name == "nifti_gz"
     return nifti_bytes(rng.normal(0, 1, (256, 256, 20)).astype(np.float32), compress=True), None
 
