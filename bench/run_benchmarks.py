@@ -140,11 +140,18 @@ def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
     return {name: dev_dice(fp32.with_encoder(read_entry(repo / name)), SHARED_DATA / "dev") for name in encoders}
 
 
+VOLUMES_BEGIN, VOLUMES_END = "<!-- volumes:begin -->", "<!-- volumes:end -->"  # as bench/volume_bench.py
+
+
 def write_report(results: dict, out: Path) -> None:
     text = measure.render_markdown(results)
     notes = Path(__file__).with_name("BENCHMARKS_NOTES.md")
     if notes.is_file():  # the hand-kept method and findings, after this run's tables
         text += "\n" + notes.read_text()
+    kept = out.read_text() if out.is_file() else ""
+    begin, end = kept.find(VOLUMES_BEGIN), kept.find(VOLUMES_END)
+    if 0 <= begin < end:  # bench/volume_bench.py's section (its own run) stays
+        text = text.rstrip("\n") + "\n\n" + kept[begin:end + len(VOLUMES_END)] + "\n"
     out.write_text(text)
     print(text)
 

@@ -19,6 +19,13 @@ def run(wall: float, first: float, slices: int = 20, enc: float = 0.4, dec: floa
             "slices_per_s": slices / wall, "stop_reasons": ["below slice 80: mask vanished"], "runs": [{}]}
 
 
+GATEWAY = {**run(9.36, 0.52), "runs": [
+    {"first_slice_s": 0.50, "first_slice_bound_s": 0.55, "first_slice_within": True,
+     "first_slice_encoder_s": 0.39, "first_slice_decoder_s": 0.05},
+    {"first_slice_s": 0.70, "first_slice_bound_s": 0.56, "first_slice_within": False,
+     "first_slice_encoder_s": 0.61, "first_slice_decoder_s": 0.05}]}
+
+
 RESULTS = {
     "machine": "Test CPU, 2 cores", "date": "2026-12-01T12:00:00", "command": "python bench/volume_bench.py",
     "matmul_gflops": {"peak": 80.0, "pytorch": 78.0, "onnxruntime": 80.0, "threads": 2},
@@ -27,7 +34,7 @@ RESULTS = {
              "truth_slices": [70, 91], "truth_voxels": 8700, "depth": 181},
     "model": {"name": "medsam_lite_bf16", "description": "..."},
     # model time 0.45 s per slice over 20 slices = 9.0 s; wall 9.36 s: 18 ms = 4.0 % overhead per slice
-    "gateway": run(9.36, 0.52),
+    "gateway": GATEWAY,
     "reference": run(36.0, 1.6, enc=1.5, dec=0.2),
     "agreement": {"dice_gateway_vs_reference": 0.97, "dice_gateway_vs_truth": 0.81, "dice_reference_vs_truth": 0.82,
                   "gateway_embeddings_reused": 0},
@@ -54,8 +61,13 @@ def test_the_section_reports_speed_first_slice_overhead_and_memory_against_their
     assert "3.85x faster" in rows["seconds per structure (call to summary)"]
     assert "2.14 | 0.56" in rows["slices per second"]
     assert rows["slices with a mask (range)"].endswith("| 20 (70-89) | 20 (70-89) | same |")
-    first = rows["first slice within encoder + decoder + 100 ms"]
+    first = rows["first slice within encoder + decoder + 100 ms (medians)"]
     assert "520 ms vs 400 + 50 + 100 = 550 ms" in first and first.endswith("| yes |")
+    each = rows["first slice within the bound, each run"]
+    assert "run 1: 500 vs 550 ms, its own encoder + decoder 390 + 50 ms (yes)" in each
+    assert "run 2: 700 vs 560 ms, its own encoder + decoder 610 + 50 ms (NO)" in each
+    assert each.endswith("| 1 of 2 runs |")
+    assert any("run(s) 2" in note for note in vb.notes(RESULTS))
     overhead = rows["gateway overhead per slice: (wall - encoder - decoder stage sums) / slices"]
     assert "18.0 ms = 4.0% of 450 ms" in overhead and overhead.endswith("<= 10%: met |")
     assert "gateway vs PyTorch: 0.970" in rows["3-D Dice vs the reference mask"]
@@ -69,6 +81,7 @@ def test_a_slower_first_slice_and_different_slice_counts_are_flagged():
     text = vb.render_section(results)
     assert "| DIFFERENT |" in text
     assert [line for line in text.splitlines() if line.startswith("| first slice within")][0].endswith("| NO |")
+    assert any("slices differ" in note for note in vb.notes(results))
 
 
 def test_the_section_replaces_only_what_lies_between_its_markers(tmp_path):
