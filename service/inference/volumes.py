@@ -18,7 +18,6 @@ input convention of :mod:`service.core.volume`; inside, model orientation.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,20 +43,6 @@ from service.inference.volume_store import InProcessVolumeStore, StoredVolume, V
 
 HISTORY = 32            # interactions a session keeps (undo steps)
 SEGMENTER_BATCH = 8     # slices per prompt-free segmenter call (when its entry batches)
-
-
-def release_free_heap() -> bool:
-    """``malloc_trim(0)``: give the free pages inside glibc's heaps back to the system (False
-    where that is not glibc). An upload arrives in parts of about 1 MiB (the client's default),
-    below the 4 MiB mmap threshold (:func:`service.inference.work.return_large_blocks`), so they
-    come from the main heap; once they are freed, any later small allocation at the heap's top
-    keeps ``free`` from trimming it, and the process stayed about the upload's size above its
-    baseline even after the volume was deleted (+108 MiB after a 150 MiB raw upload,
-    bench/volume_bench.py). Called once an upload's parts are freed."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 @dataclass(frozen=True)
@@ -213,7 +198,7 @@ class VolumeService:
             self.store.check_room(nbytes, owner)
         volume = await work.run_in_thread(load_volume, source, self.limits)
         del source
-        await work.run_in_thread(release_free_heap)  # the upload's parts, freed by now (see there)
+        await work.run_in_thread(work.release_free_heap)  # the upload's parts, freed by now (see there)
         if reservation is not None:
             reservation.release()  # the stored volume is counted from here on
         stored = self.store.put(volume, owner)
