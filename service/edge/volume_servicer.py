@@ -22,6 +22,7 @@ import grpc
 from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
 from service.edge import volume_convert
 from service.edge.servicer import Call, GuardedServicer, rpc, rpc_client_stream, rpc_stream
+from service.inference import work
 from service.inference.volumes import VolumeService
 
 
@@ -74,15 +75,22 @@ class VolumesServicer(GuardedServicer, vpb_grpc.VolumesServicer):
         crosses them (RESOURCE_EXHAUSTED)."""
         owner = self._owner(call)
         upload = volume_convert.UploadAssembler(max_files=self.gateway.settings.max_series_files)
-        with self.volumes.begin_upload(owner) as reservation:  # concurrent uploads share the bounds
-            async for message in requests:
-                check = upload.feed(message)
-                if check is not None:
-                    reservation.grow(check)
-                call.describe(upload.shape)
-            source = upload.finish()
-            del upload
-            info = await self.volumes.upload(source, owner, reservation)
+        try:
+            with self.volumes.begin_upload(owner) as reservation:  # concurrent uploads share the bounds
+                async for message in requests:
+                    check = upload.feed(message)
+                    if check is not None:
+                        reservation.grow(check)
+                    call.describe(upload.shape)
+                source = upload.finish()
+                del upload
+                info = await self.volumes.upload(source, owner, reservation)
+        except BaseException:
+            # a refused or cut upload: its parts are freed now; give their heap pages back
+            # (a stored upload does this in VolumeService.upload)
+            upload = source = None  # noqa: F841 - dropped before the trim, not kept by the traceback
+            work.release_free_heap()
+            raise
         return volume_convert.volume_info_to_proto(info)
 
     @rpc_stream("SegmentVolume", prepare=_prepare_segment, to_message=volume_convert.stream_item_to_proto)
