@@ -50,12 +50,12 @@ except ModuleNotFoundError as exc:  # a checkout built without `make protos`
     raise ImportError("medseg_client's generated gRPC stubs (medseg_client/_generated/) are missing: run "
                       "`make protos` (scripts/gen_protos.sh) in the repository, then install the client") from exc
 from medseg_client.images import image_from_array, image_from_file
-from medseg_client.masks import MaskEncoding, decode_mask
+from medseg_client.masks import MaskEncoding, decode_mask, wire_encoding
 from medseg_client.prompts import BoxTuple, PointTuple, build_prompts
 from medseg_client.security import is_loopback_target, tls_credentials
 from medseg_client.volumes import (SegmentMask, SliceMask, VolumeClient, VolumeInfo, VolumeStream, VolumeSummary,
                                    volume_slices)
-from medseg_client.wire import MASK_ENCODING_TO_PB, MASK_ENCODINGS
+from medseg_client.wire import MASK_ENCODINGS
 
 __all__ = [
     "BoxTuple",
@@ -225,7 +225,7 @@ class SegmentationClient(VolumeClient):
         request = pb.SegmentRequest(
             model=model,
             prompts=prompt_list,
-            encoding=_wire_encoding(encoding),
+            encoding=wire_encoding(encoding),
             return_low_res_logits=return_low_res_logits,
         )
         if image is not None:
@@ -277,12 +277,6 @@ def decode_low_res_logits(logits: pb.LowResLogits) -> np.ndarray:
     return np.frombuffer(logits.data, dtype="<f4").astype(np.float32).reshape(height, width)
 
 
-def _wire_encoding(encoding: int | MaskEncoding) -> int:
-    if isinstance(encoding, MaskEncoding):
-        return MASK_ENCODING_TO_PB[encoding.value]
-    if int(encoding) not in MASK_ENCODINGS:
-        raise ValueError(f"unknown mask encoding {encoding!r}")
-    return int(encoding)
 
 
 def _segment_result(response: pb.SegmentResponse, with_logits: bool) -> SegmentResult:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medseg_client._optional import require
+from medseg_client.wire import MASK_ENCODING_TO_PB, MASK_ENCODINGS
 
 __all__ = ["MaskEncoding", "decode_mask", "rle_counts"]
 
@@ -135,3 +136,12 @@ def _decode_rle(data: bytes, height: int, width: int) -> np.ndarray:
     coco_mask = require("pycocotools.mask", "rle", "decoding a COCO RLE mask")
     decoded = coco_mask.decode({"size": [height, width], "counts": data})
     return np.ascontiguousarray(decoded.astype(bool))
+
+
+def wire_encoding(encoding: "int | MaskEncoding") -> int:
+    """The ``pb.MaskEncoding`` value of ``encoding`` (a :class:`MaskEncoding` or a wire value)."""
+    if isinstance(encoding, MaskEncoding):
+        return MASK_ENCODING_TO_PB[encoding.value]
+    if int(encoding) not in MASK_ENCODINGS:
+        raise ValueError(f"unknown mask encoding {encoding!r}")
+    return int(encoding)

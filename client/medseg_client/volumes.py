@@ -43,8 +43,8 @@ from medseg_client._generated import volumes_pb2 as vpb
 from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
 from medseg_client._optional import require
 from medseg_client.images import window_message, wire_dtype
-from medseg_client.masks import MaskEncoding, decode_mask
-from medseg_client.wire import DTYPE_TO_PB, MASK_ENCODING_TO_PB, MASK_ENCODINGS, VOLUME_FORMAT_TO_PB
+from medseg_client.masks import MaskEncoding, decode_mask, wire_encoding
+from medseg_client.wire import DTYPE_TO_PB, MASK_ENCODINGS, VOLUME_FORMAT_TO_PB
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -295,7 +295,7 @@ class VolumeClient:
         if (box is None) != (slice_index is None):
             raise ValueError("give box and slice_index together (the slice the box is drawn on), or neither")
         request = vpb.SegmentVolumeRequest(volume_id=str(volume_id), model=model, segment_id=segment_id,
-                                           encoding=_wire_encoding(encoding))
+                                           encoding=wire_encoding(encoding))
         if box is not None:
             request.slice_index = _index(slice_index, "slice_index")
             request.box.CopyFrom(_box(box))
@@ -322,7 +322,7 @@ class VolumeClient:
         if adding == (erase is not None):
             raise ValueError("give exactly one action: slice_index + box (add a box), or erase=(first, last)")
         request = vpb.RefineSegmentRequest(volume_id=str(volume_id), segment_id=str(segment_id),
-                                           encoding=_wire_encoding(encoding))
+                                           encoding=wire_encoding(encoding))
         if adding:
             if box is None or slice_index is None:
                 raise ValueError("adding a box needs both slice_index and box")
@@ -346,7 +346,7 @@ class VolumeClient:
                      timeout: float | None = None) -> VolumeStream:
         """Undo the segment's last interaction; streams the slices that changed, then the summary."""
         request = vpb.UndoSegmentRequest(volume_id=str(volume_id), segment_id=str(segment_id),
-                                         encoding=_wire_encoding(encoding))
+                                         encoding=wire_encoding(encoding))
         call = self._volumes.UndoSegment(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return VolumeStream(call)
 
@@ -355,7 +355,7 @@ class VolumeClient:
                          timeout: float | None = None) -> SegmentMask:
         """The segment's whole mask: NIfTI bytes on the input's grid, non-empty slices, summary."""
         request = vpb.GetSegmentMaskRequest(volume_id=str(volume_id), segment_id=str(segment_id),
-                                            encoding=_wire_encoding(encoding))
+                                            encoding=wire_encoding(encoding))
         response = self._volumes.GetSegmentMask(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return SegmentMask(nifti_gz=bytes(response.nifti_gz), slices=[_slice(s) for s in response.slices],
                            summary=_summary(response.summary))
@@ -427,12 +427,6 @@ class _Sender:
 
 
 # --------------------------------------------------------------------------- messages
-def _wire_encoding(encoding: int | MaskEncoding) -> int:
-    if isinstance(encoding, MaskEncoding):
-        return MASK_ENCODING_TO_PB[encoding.value]
-    if int(encoding) not in MASK_ENCODINGS:
-        raise ValueError(f"unknown mask encoding {encoding!r}")
-    return int(encoding)
 
 
 def _index(value: int, name: str) -> int:
