@@ -1,0 +1,154 @@
+"""Bad and abandoned volume calls against a real gateway: status, still serving, RSS after.
+
+A gateway (``--default-model medsam_lite``) gets a colin27 upload and one whole SegmentVolume
+(the warm baseline), then rounds of: an upload cut mid-file, an upload of two series, an
+over-size declared upload, a box outside the slice, an unknown volume_id, and a SegmentVolume
+cancelled after its first slice. After each round a one-slice
+SegmentVolume must still answer; RSS is read after every round. Writes the table into
+docs/RELIABILITY.md between ``<!-- volume-hostile:begin -->`` and ``<!-- volume-hostile:end -->``.
+
+    .venv/bin/python bench/volume_hostile.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import nibabel
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.harness import GatewayProcess, ensure_models, proc_status  # noqa: E402
+from bench.measure import machine  # noqa: E402
+from export.dev_cases import SHARED_DATA  # noqa: E402
+from medseg_client import SegmentationClient  # noqa: E402
+from medseg_client._generated import volumes_pb2 as vpb  # noqa: E402
+from medseg_client._generated import volumes_pb2_grpc as vpb_grpc  # noqa: E402
+
+BEGIN, END = "<!-- volume-hostile:begin -->", "<!-- volume-hostile:end -->"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def code_of(fn) -> str:
+    try:
+        fn()
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "RELIABILITY.md")
+    args = parser.parse_args(argv)
+    ensure_models()
+    volumes = SHARED_DATA / "volumes"
+    image = volumes / "colin27_t1" / "image.nii.gz"
+    series = sorted((volumes / "dicom" / "promed_ct_0051").iterdir())
+    ref = np.asarray(nibabel.load(volumes / "colin27_t1" / "masks" / "thalamus_left.nii.gz").dataobj) > 0
+    k = int(np.argmax(ref.sum(axis=(0, 1))))
+    sl = np.flipud(ref[:, :, k].T)
+    rows, cols = np.flatnonzero(sl.any(axis=1)), np.flatnonzero(sl.any(axis=0))
+    box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        gateway = GatewayProcess(Path(tmp), "--default-model", "medsam_lite").start()
+        try:
+            gateway.wait_serving()
+            pid = gateway.proc.pid
+            client = SegmentationClient(gateway.target, timeout=300)
+            stub = vpb_grpc.VolumesStub(client._channel)
+            info = client.upload_volume(image)
+            list(client.segment_volume(info.volume_id, slice_index=k, box=box))  # warm: every slice embedded once
+            baseline = proc_status(pid)["VmRSS"]
+            rows_out = []
+
+            def cut():
+                head = vpb.UploadVolumeRequest(header=vpb.VolumeHeader(format=vpb.VOLUME_FORMAT_NIFTI))
+                part = vpb.UploadVolumeRequest(file_part=vpb.FilePart(data=image.read_bytes()[:100000],
+                                                                      end_of_file=False))
+                stub.UploadVolume(iter([head, part]), timeout=60)
+
+            def two_series():
+                import pydicom
+                from pydicom.filebase import DicomBytesIO
+                msgs = [vpb.UploadVolumeRequest(header=vpb.VolumeHeader(format=vpb.VOLUME_FORMAT_DICOM_SERIES))]
+                for i, path in enumerate(series[:6]):
+                    ds = pydicom.dcmread(path)
+                    if i % 2:
+                        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+                    buf = DicomBytesIO()
+                    ds.save_as(buf)
+                    msgs.append(vpb.UploadVolumeRequest(file_part=vpb.FilePart(data=buf.getvalue(), end_of_file=True)))
+                stub.UploadVolume(iter(msgs), timeout=60)
+
+            def oversize():
+                head = vpb.UploadVolumeRequest(header=vpb.VolumeHeader(format=vpb.VOLUME_FORMAT_NIFTI,
+                                                                       total_bytes=1 << 40))
+                stub.UploadVolume(iter([head]), timeout=60)
+
+            def outside():
+                list(client.segment_volume(info.volume_id, slice_index=k, box=(5000, 5000, 5100, 5100)))
+
+            def unknown():
+                list(client.segment_volume("0" * 32, slice_index=k, box=box))
+
+            def cancelled():
+                stream = client.segment_volume(info.volume_id, slice_index=k, box=box)
+                next(stream)
+                stream.cancel()
+                list(stream)
+
+            def alive():
+                list(client.segment_volume(info.volume_id, slice_index=k, box=box, range=(k, k)))
+
+            cases = [("upload cut mid-file", cut), ("upload of two series", two_series),
+                     ("declared upload over --max-volume-bytes", oversize), ("box outside the slice", outside),
+                     ("unknown volume_id", unknown), ("SegmentVolume cancelled after its first slice", cancelled)]
+            codes: dict[str, set[str]] = {name: set() for name, _ in cases}
+            rss = []
+            for _ in range(args.rounds):
+                for name, fn in cases:
+                    codes[name].add(code_of(fn))
+                time.sleep(1.0)  # a cancelled call's thread ends within one slice
+                serving = code_of(alive) == "OK"
+                rss.append((proc_status(pid)["VmRSS"], serving))
+            for name, _ in cases:
+                rows_out.append(f"| {name} | {', '.join(sorted(codes[name]))} |")
+            client.close()
+        finally:
+            gateway.stop()
+    after = [r for r, _ in rss]
+    lines = [BEGIN, "", "## Volumes: bad and abandoned calls", "",
+             f"Measured {dt.datetime.now().isoformat(timespec='minutes')} on {machine()}; command: "
+             f"`python bench/volume_hostile.py --rounds {args.rounds}`. A real gateway, a colin27 volume uploaded "
+             "and segmented once (warm: every slice embedded), then each call below once per round; after each "
+             "round a one-slice SegmentVolume must answer.", "",
+             "| call | status |", "|---|---|", *rows_out, "",
+             f"Warm baseline RSS {mib(baseline)}; after each of the {args.rounds} rounds: "
+             + ", ".join(f"{mib(r)} ({(r - baseline) / 2**20:+.0f} MiB)" for r in after)
+             + f"; still serving after every round: {'yes' if all(s for _, s in rss) else 'NO'}.", "", END]
+    text = "\n".join(lines)
+    print(text)
+    doc = args.out.read_text() if args.out.is_file() else ""
+    if BEGIN in doc and END in doc:
+        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
+    args.out.write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
