@@ -9,7 +9,7 @@ METRICS_PORT ?= 9090
 MODELS    := $(foreach m,medsam_lite_encoder medsam_lite_decoder,$(foreach f,model.onnx model.py medseg_runtimes.py,$(REPO)/$(m)/1/$(f)))
 PROTO_OUT := client/medseg_client/_generated/segmentation_pb2.py
 
-.PHONY: install deploy-tools dicom-tools protos models serve triton test test-unit deploy-check clean
+.PHONY: install deploy-tools dicom-tools pacs protos models serve triton test test-unit deploy-check clean
 .DEFAULT_GOAL := serve
 
 install:
@@ -22,6 +22,11 @@ deploy-tools:
 # dciodvfy (dicom3tools) and dcmdump (dcmtk) via apt: the tests validate every DICOM object written.
 dicom-tools:
 	@scripts/bootstrap_dicom_tools.sh
+
+# A real PACS for the gateway's PACS calls: Orthanc + DICOMweb on loopback, basic auth with a random
+# password, in the foreground until Ctrl-C; prints the --pacs-* flags. PACS_FLAGS="--port 8042 --load DIR".
+pacs: install dicom-tools
+	$(PY) scripts/pacs.py $(PACS_FLAGS)
 
 $(PROTO_OUT): $(wildcard protos/medseg/v1/*.proto) | install
 	PY=$(PY) scripts/gen_protos.sh

@@ -68,6 +68,10 @@ class SegmentNotFound(NotFound):
     """The ``segment_id`` is unknown on a known volume."""
 
 
+class SeriesNotFound(NotFound):
+    """The PACS has no such study/series (or none of its instances could be retrieved)."""
+
+
 # --- limits ---------------------------------------------------------------------------
 class ResourceExhausted(ServiceError):
     """A configured limit was hit (payload size, in-flight requests)."""
@@ -116,6 +120,21 @@ class AnswerTooLarge(ResourceExhausted):
 # --- the serving stack ----------------------------------------------------------------
 class Unavailable(ServiceError):
     """The backend (Triton, ONNX Runtime session) is not ready; retry later."""
+
+
+class PacsUnavailable(Unavailable):
+    """The configured PACS cannot be reached, timed out, answered a server error, or refused
+    the gateway's own credentials (the operator's to fix; retry later)."""
+
+
+class FailedPrecondition(ServiceError):
+    """The system is not in a state the call needs; retrying unchanged fails again until that
+    state changes (gRPC FAILED_PRECONDITION)."""
+
+
+class PacsRefused(FailedPrecondition):
+    """The PACS refused to store an object (STOW-RS); the message carries its reason (the
+    PACS's status and failure reason codes, never a tag value)."""
 
 
 class DeadlineExceeded(ServiceError):
