@@ -4,12 +4,15 @@ platform team reviews (security context, probes, resources, GPUs, network isolat
 from __future__ import annotations
 
 import copy
+import ipaddress
+import os
+from urllib.parse import urlsplit
 
 import pytest
 
 from service.settings import Settings
-from tests.deploy.conftest import (CRD_KINDS, KUBERNETES_VERSIONS, OVERLAYS, container, dump_all, output, run,
-                                   venv_tool)
+from tests.deploy.conftest import (CRD_KINDS, K8S, KUBERNETES_VERSIONS, OVERLAYS, Rendered, container, dump_all,
+                                   output, run, venv_tool)
 
 CORE_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
               "PodDisruptionBudget", "NetworkPolicy"}
@@ -207,3 +210,156 @@ def test_every_deployment_has_an_hpa_and_a_pdb_that_select_it(rendered, overlay)
         # a PDB that can never be satisfied would block node drains
         if "minAvailable" in pdb["spec"]:
             assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+# --- PACS (DICOMweb) ------------------------------------------------------------------------
+
+PACS_MOUNT = "/etc/medseg/pacs"
+GATEWAY_LABELS = {"app.kubernetes.io/name": "medseg-gateway"}
+
+
+def _gateway_settings(r: Rendered) -> Settings:
+    """The gateway's Settings as its pod gets them: args, then ConfigMap, then env (env wins)."""
+    gw = container(r.get("Deployment", "medseg-gateway")["spec"]["template"]["spec"], "gateway")
+    env = {e["name"]: e["value"] for e in gw.get("env", [])}
+    return Settings.from_args(gw["args"], environ={**_config(r), **env})
+
+
+def _render_site(kubectl, folder, body: str, overlay: str = "gpu") -> Rendered:
+    """A site's own overlay on one of ours (what docs/DEPLOYMENT.md tells sites to keep):
+    `body` is the rest of its kustomization.yaml, with {kit} for the path to deploy/k8s."""
+    folder.mkdir()
+    kit = os.path.relpath(K8S, folder)
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {kit}/overlays/{overlay}\n" + body.replace("{kit}", kit))
+    proc = run([kubectl, "kustomize", str(folder)])
+    assert proc.returncode == 0, output(proc)
+    return Rendered(f"{overlay}+{folder.name}", proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def pacs_token(kubectl, tmp_path_factory) -> Rendered:
+    return _render_site(kubectl, tmp_path_factory.mktemp("site") / "pacs-token",
+                        "components:\n  - {kit}/components/pacs-token\n")
+
+
+# docs/DEPLOYMENT.md, PACS (DICOMweb): a site's settings and its PACS's address and port
+PACS_SITE = """\
+configMapGenerator:
+  - name: medseg-gateway-config
+    behavior: merge
+    literals:
+      - MEDSEG_PACS_URL=https://pacs.hospital.example:8443/dicom-web
+      - MEDSEG_PACS_USERNAME=medseg-ai
+patches:
+  - target:
+      kind: NetworkPolicy
+      name: medseg-gateway-pacs
+    patch: |-
+      - op: replace
+        path: /spec/egress
+        value:
+          - to:
+              - ipBlock:
+                  cidr: 10.20.30.40/32
+            ports:
+              - port: 8443
+                protocol: TCP
+"""
+
+
+@pytest.fixture(scope="module")
+def pacs_site(kubectl, tmp_path_factory) -> Rendered:
+    return _render_site(kubectl, tmp_path_factory.mktemp("site") / "pacs-site", PACS_SITE)
+
+
+def _medseg_names(r: Rendered) -> set[str]:
+    names = set()
+    for _, pod in r.pod_specs():
+        for c in pod["containers"] + pod.get("initContainers", []):
+            names.update(e["name"] for e in c.get("env", []))
+    for cm in r.of_kind("ConfigMap"):
+        if cm["metadata"]["name"].startswith("medseg-gateway-config"):
+            names.update(cm["data"])
+    return {n for n in names if n.startswith("MEDSEG_")}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_medseg_variable_in_the_manifests_is_a_gateway_setting(rendered, pacs_token, overlay):
+    """A misspelt MEDSEG_* name would be ignored silently by the gateway; catch it here."""
+    known = {"MEDSEG_" + f.upper() for f in Settings.__dataclass_fields__}
+    for r in (rendered[overlay], pacs_token):
+        names = _medseg_names(r)
+        assert {"MEDSEG_PACS_URL", "MEDSEG_PACS_CA_FILE", "MEDSEG_PACS_TIMEOUT_S"} <= names, r.overlay
+        assert names <= known, f"{r.overlay}: unknown settings {sorted(names - known)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pacs_is_off_until_configured_and_its_secret_is_mounted_optional_and_read_only(rendered, overlay):
+    r = rendered[overlay]
+    settings = _gateway_settings(r)
+    # empty: no PACS (SegmentStudy answers FAILED_PRECONDITION); a site sets its DICOMweb root
+    assert settings.pacs_url == "" or settings.pacs_url.startswith(("https://", "http://"))
+    assert 0 < settings.pacs_timeout_s <= 120 and settings.seg_series_description
+    # HTTP basic: the account in the ConfigMap, the password (and the CA) as files of the Secret
+    assert settings.pacs_username and not settings.pacs_token_file
+    assert settings.pacs_password_file == f"{PACS_MOUNT}/password"
+    assert settings.pacs_ca_file == f"{PACS_MOUNT}/ca.crt"
+    pod = r.get("Deployment", "medseg-gateway")["spec"]["template"]["spec"]
+    gw = container(pod, "gateway")
+    volume = next(v for v in pod["volumes"] if v["name"] == "pacs")
+    assert volume["secret"] == {"secretName": "medseg-gateway-pacs", "optional": True, "defaultMode": 0o440}
+    mounts = [m for m in gw["volumeMounts"] if m["name"] == "pacs"]
+    # the whole volume, never a subPath: the kubelet never updates subPath mounts (no rotation)
+    assert mounts == [{"name": "pacs", "mountPath": PACS_MOUNT, "readOnly": True}]
+    # credentials as files only, and no Secret (no secret value) in the kit
+    assert all("valueFrom" not in e for e in gw["env"])
+    assert not r.of_kind("Secret")
+
+
+def test_pacs_token_component_swaps_basic_authentication_for_a_token_file(pacs_token):
+    """The gateway takes basic credentials or a token, never both: the component must leave
+    exactly the token (same Secret, same mount) and keep the CA bundle."""
+    settings = _gateway_settings(pacs_token)
+    assert settings.pacs_token_file == f"{PACS_MOUNT}/token"
+    assert settings.pacs_username == "" and settings.pacs_password_file == ""
+    assert settings.pacs_ca_file == f"{PACS_MOUNT}/ca.crt"
+    pod = pacs_token.get("Deployment", "medseg-gateway")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "pacs")["secret"]["secretName"] == "medseg-gateway-pacs"
+    assert {e["name"] for e in container(pod, "gateway")["env"]} >= {"MEDSEG_TLS_CERT_FILE", "MEDSEG_AUTH_TOKENS_FILE"}
+
+
+def _narrow_peer(peer: dict) -> bool:
+    if "ipBlock" in peer:
+        net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+        return net.prefixlen >= (16 if net.version == 4 else 48)
+    # an in-cluster PACS: its namespace AND its pods, both by label
+    return bool(peer.get("namespaceSelector", {}).get("matchLabels")) and bool(
+        peer.get("podSelector", {}).get("matchLabels"))
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "site"])
+def test_gateway_egress_is_triton_dns_and_one_narrow_rule_to_the_pacs(rendered, pacs_site, overlay):
+    """On the kit (placeholder address, PACS off) and on a site overlay that sets both."""
+    r = pacs_site if overlay == "site" else rendered[overlay]
+    policies = {p["metadata"]["name"]: p["spec"] for p in r.of_kind("NetworkPolicy")}
+    pacs = policies["medseg-gateway-pacs"]
+    assert pacs["podSelector"] == {"matchLabels": GATEWAY_LABELS}
+    assert pacs["policyTypes"] == ["Egress"] and "ingress" not in pacs
+    [rule] = pacs["egress"]
+    assert rule["to"] and all(_narrow_peer(p) for p in rule["to"]), rule
+    assert len(rule["ports"]) == 1 and rule["ports"][0]["protocol"] == "TCP" and "endPort" not in rule["ports"][0]
+    url = _gateway_settings(r).pacs_url
+    assert bool(url) == (overlay == "site")
+    if url:
+        parts = urlsplit(url)
+        assert rule["ports"][0]["port"] == (parts.port or {"https": 443, "http": 80}[parts.scheme]), url
+    # every egress the gateway has, from all policies that select it: Triton, DNS, the PACS
+    allowed = set()
+    for spec in policies.values():
+        if spec["podSelector"] in ({}, {"matchLabels": GATEWAY_LABELS}):
+            for egress in spec.get("egress", []):
+                assert egress.get("to"), "an egress rule without peers allows every destination"
+                allowed.update((p["port"], p["protocol"]) for p in egress["ports"])
+    assert allowed == {(8001, "TCP"), (53, "UDP"), (53, "TCP"), (rule["ports"][0]["port"], "TCP")}
