@@ -35,34 +35,39 @@ SERIES = SHARED / "volumes" / "dicom" / "promed_ct_0051"
 HEAD = SHARED / "volumes" / "promed_ct_0051" / "masks" / "head.nii.gz"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("binary", "labelmap"), default="binary")
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-
+def time_seg(runs: int = 3, kind: str = "binary") -> dict:
+    """Median seconds of writing the 'head' SEG of the whole CT series (and with the kept
+    headers parsed first), the SEG's bytes, frames and voxels."""
     files = tuple(p.read_bytes() for p in sorted(SERIES.glob("*.dcm")))
     volume = load_volume(VolumeSource(format="dicom_series", files=files))
     head = np.asarray(nib.load(HEAD).dataobj)
     masks = {k: np.ascontiguousarray(head[::-1, ::-1, k].T != 0) for k in range(head.shape[2])}
     segments, algorithm = [SegmentSpec("head")], Algorithm("LiteMedSAM", "1.0.0")
-
     seg_only, with_headers, size = [], [], 0
-    for _ in range(args.runs):
+    for _ in range(runs):
         start = time.perf_counter()
         headers = volume.dicom_headers()
         parsed = time.perf_counter()
-        data = write_seg(headers, masks, segments, algorithm, kind=args.kind)
+        data = write_seg(headers, masks, segments, algorithm, kind=kind)
         done = time.perf_counter()
         seg_only.append(done - parsed)
         with_headers.append(done - start)
         size = len(data)
-    frames = sum(1 for m in masks.values() if m.any())
-    print(f"DICOM SEG ({args.kind}) of {len(files)} CT slices, 'head' reference ({frames} non-empty frames, "
-          f"{sum(int(m.sum()) for m in masks.values())} voxels), {size} bytes")
-    print(f"write_seg: median {statistics.median(seg_only):.3f} s of {args.runs} "
-          f"({', '.join(f'{t:.3f}' for t in seg_only)})")
-    print(f"dicom_headers + write_seg: median {statistics.median(with_headers):.3f} s")
+    return {"kind": kind, "slices": len(files), "frames": sum(1 for m in masks.values() if m.any()),
+            "voxels": sum(int(m.sum()) for m in masks.values()), "bytes": size, "runs": seg_only,
+            "seg_s": statistics.median(seg_only), "with_headers_s": statistics.median(with_headers)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=("binary", "labelmap"), default="binary")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    r = time_seg(args.runs, args.kind)
+    print(f"DICOM SEG ({r['kind']}) of {r['slices']} CT slices, 'head' reference ({r['frames']} non-empty frames, "
+          f"{r['voxels']} voxels), {r['bytes']} bytes")
+    print(f"write_seg: median {r['seg_s']:.3f} s of {args.runs} ({', '.join(f'{t:.3f}' for t in r['runs'])})")
+    print(f"dicom_headers + write_seg: median {r['with_headers_s']:.3f} s")
 
 
 if __name__ == "__main__":

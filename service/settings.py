@@ -132,6 +132,27 @@ class Settings:
     # (bytes, LRU; an evicted one is recomputed when needed again).
     volume_embedding_bytes: int = 768 * 1024 * 1024
 
+    # --- the PACS (DICOMweb: service/backends/pacs.py; SegmentStudy in volumes.proto) -----
+    # Base URL of the PACS's DICOMweb service (QIDO-RS, WADO-RS, STOW-RS), e.g.
+    # https://pacs.hospital.example/dicom-web; empty: SegmentStudy answers FAILED_PRECONDITION.
+    pacs_url: str = ""
+    # CA bundle (PEM) the PACS's https certificate must chain to (empty: the system's CAs).
+    pacs_ca_file: str = ""
+    # Credentials, read from files (a Kubernetes Secret) at start-up and when they change:
+    # HTTP basic (--pacs-username and the password file) or a bearer token file; not both.
+    pacs_username: str = ""
+    pacs_password_file: str = ""
+    pacs_token_file: str = ""
+    # Seconds one PACS request may take (connect and each read); a PACS that does not answer in
+    # time is UNAVAILABLE.
+    pacs_timeout_s: float = 30.0
+
+    # --- DICOM SEG objects the gateway writes (service/core/dicom_seg.py) ----------------
+    # SeriesDescription of a SEG when the request names none, and its ContentCreatorName
+    # (a DICOM person name, e.g. "MEDSEG^GATEWAY"; empty: none).
+    seg_series_description: str = "medseg segmentation"
+    seg_content_creator: str = ""
+
     # --- audit (service/audit.py) -----------------------------------------------------
     # Where the one-JSON-line-per-RPC audit log goes: "-" = stderr, else a file (appended).
     audit_log: str = "-"
@@ -182,4 +203,13 @@ class Settings:
             parser.error("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
         if settings.auth_jwks_file and not (settings.auth_jwt_issuer and settings.auth_jwt_audience):
             parser.error("--auth-jwks-file needs --auth-jwt-issuer and --auth-jwt-audience")
+        if settings.pacs_password_file and not settings.pacs_username:
+            parser.error("--pacs-password-file needs --pacs-username (HTTP basic authentication)")
+        if settings.pacs_token_file and (settings.pacs_username or settings.pacs_password_file):
+            parser.error("give the PACS either basic credentials (--pacs-username, --pacs-password-file) or "
+                         "--pacs-token-file, not both")
+        if settings.pacs_timeout_s <= 0:
+            parser.error("--pacs-timeout-s must be > 0")
+        if settings.pacs_url and not settings.pacs_url.startswith(("http://", "https://")):
+            parser.error("--pacs-url must be an http:// or https:// URL of the PACS's DICOMweb root")
         return settings

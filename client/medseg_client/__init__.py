@@ -28,6 +28,14 @@ plaintext to a non-loopback target unless ``insecure=True``.
         ...                             # s.mask: bool (H, W) of slice s.slice_index, as it is done
     mask = client.get_segment_mask(info.volume_id, stream.summary.segment_id).nifti_gz
 
+DICOM Segmentation objects (SEG, see :mod:`medseg_client.seg`)::
+
+    result = client.segment(image=image_from_file("ct.dcm"), boxes=[(40, 52, 98, 110)],
+                            encoding="dicom_seg", dicom_seg_options=DicomSegOptions(segments=["liver"]))
+    open("seg.dcm", "wb").write(result.dicom_seg)   # one segment per prompt; result.masks is then empty
+    study = client.segment_study(study_uid, series_uid, slice_index=54, box=(80, 60, 180, 170), store=True)
+    print(study.seg_sop_instance_uid, study.stored)  # a series of the gateway's PACS, its SEG stored back
+
 Coordinates are input-image pixels (x = column, y = row, origin at the top-left corner of
 the top-left pixel). Errors from the server reach the caller as :class:`grpc.RpcError`
 (``exc.code()`` is a :class:`grpc.StatusCode`); mistakes caught before sending raise
@@ -50,20 +58,25 @@ except ModuleNotFoundError as exc:  # a checkout built without `make protos`
     raise ImportError("medseg_client's generated gRPC stubs (medseg_client/_generated/) are missing: run "
                       "`make protos` (scripts/gen_protos.sh) in the repository, then install the client") from exc
 from medseg_client.images import image_from_array, image_from_file
-from medseg_client.masks import MaskEncoding, decode_mask, wire_encoding
+from medseg_client.masks import MaskEncoding, decode_mask, segment_encoding
 from medseg_client.prompts import BoxTuple, PointTuple, build_prompts
+from medseg_client.seg import Code, DicomSegOptions, SegmentDescription, dicom_seg_message
 from medseg_client.security import is_loopback_target, tls_credentials
-from medseg_client.volumes import (SegmentMask, SliceMask, VolumeClient, VolumeInfo, VolumeStream, VolumeSummary,
-                                   volume_slices)
-from medseg_client.wire import MASK_ENCODINGS
+from medseg_client.volumes import (SegmentMask, SegmentStudyResult, SliceMask, VolumeClient, VolumeInfo, VolumeStream,
+                                   VolumeSummary, volume_slices)
+from medseg_client.wire import DICOM_SEG_ENCODING, MASK_ENCODINGS
 
 __all__ = [
     "BoxTuple",
+    "Code",
+    "DicomSegOptions",
     "EmbedResult",
     "MaskEncoding",
     "PointTuple",
+    "SegmentDescription",
     "SegmentMask",
     "SegmentResult",
+    "SegmentStudyResult",
     "SegmentationClient",
     "SliceMask",
     "VolumeClient",
@@ -88,6 +101,11 @@ class SegmentResult:
     ``low_res_logits``: float32 ``(h, w)`` per mask in the model's low-resolution frame
     (256 x 256 for LiteMedSAM) when requested, else ``None``.
     ``image_id``: handle for follow-up calls on the same image while it is cached.
+
+    With encoding ``"dicom_seg"`` the masks come back as one DICOM SEG, ``dicom_seg`` (DICOM Part 10
+    bytes, segment ``i + 1`` is prompt ``i``), and ``masks`` is empty: ``predicted_ious``,
+    ``areas`` (the gateway's counts) and ``low_res_logits`` still hold one entry per prompt.
+    ``dicom_seg`` is ``None`` for every other encoding.
     """
 
     masks: list[np.ndarray]
@@ -98,14 +116,22 @@ class SegmentResult:
     height: int
     width: int
     low_res_logits: list[np.ndarray] | None = None
+    dicom_seg: bytes | None = None
+    mask_areas: list[int] | None = None  # Mask.area as the gateway counted it, one per mask
 
     @property
     def areas(self) -> list[int]:
-        """Foreground pixel count of each mask."""
+        """Foreground pixel count of each mask (for a SEG answer: the gateway's counts)."""
+        if self.dicom_seg is not None:
+            return list(self.mask_areas or [])
         return [int(mask.sum()) for mask in self.masks]
 
     def union(self) -> np.ndarray:
-        """bool ``(height, width)``: the union of all masks (all False when there are none)."""
+        """bool ``(height, width)``: the union of all masks (all False when there are none).
+
+        :class:`ValueError` for a SEG answer, whose masks are in :attr:`dicom_seg`, not decoded."""
+        if self.dicom_seg is not None:
+            raise ValueError("this answer's masks are in its DICOM SEG (result.dicom_seg), not decoded here")
         union = np.zeros((self.height, self.width), dtype=bool)
         for mask in self.masks:
             union |= mask
@@ -127,7 +153,8 @@ class EmbedResult:
 class SegmentationClient(VolumeClient):
     """A blocking client for ``medseg.v1.Segmentation`` and ``medseg.v1.Volumes`` (the
     :class:`VolumeClient` methods: ``upload_volume``, ``segment_volume``, ``refine_segment``,
-    ``undo_segment``, ``get_segment_mask``, ``delete_volume``) over one gRPC channel.
+    ``undo_segment``, ``get_segment_mask``, ``delete_volume``, ``segment_study``) over one gRPC
+    channel.
 
     ``target``: ``"host:port"``. ``timeout``: default deadline in seconds of every call.
     ``credentials``: TLS channel credentials (see :func:`tls_credentials`); ``None`` means
@@ -198,9 +225,10 @@ class SegmentationClient(VolumeClient):
         boxes: Sequence[Sequence[float]] = (),
         points: Sequence[Sequence[float]] = (),
         model: str = "",
-        encoding: int | MaskEncoding = pb.MASK_ENCODING_BITS,
+        encoding: int | str | MaskEncoding = pb.MASK_ENCODING_BITS,
         return_low_res_logits: bool = False,
         prompts: list[pb.Prompt] | None = None,
+        dicom_seg_options: DicomSegOptions | pb.DicomSegOptions | None = None,
         timeout: float | None = None,
     ) -> SegmentResult:
         """Segment one image; one mask per prompt, in order.
@@ -210,8 +238,12 @@ class SegmentationClient(VolumeClient):
         (``(x0, y0, x1, y1)``) and ``points`` (``(x, y, label)``, label 1 foreground, 0
         background) by the rule of :func:`build_prompts`, or ready-made in ``prompts`` —
         not both. ``model``: ``""`` selects the server's default model. ``encoding``: the
-        wire encoding (``pb.MaskEncoding`` value or :class:`MaskEncoding`); the result is
-        decoded either way. ``timeout`` overrides the client's default deadline.
+        wire encoding (``pb.MaskEncoding`` value, :class:`MaskEncoding` or its value); the result is
+        decoded either way. ``encoding="dicom_seg"`` (or ``pb.MASK_ENCODING_DICOM_SEG``), for a
+        DICOM image (or the ``image_id`` of one) only: the answer is one DICOM SEG,
+        :attr:`SegmentResult.dicom_seg`, segment ``i + 1`` for prompt ``i``, written as
+        ``dicom_seg_options`` says (:class:`DicomSegOptions`: labels, codes, kind, series
+        description; only with that encoding). ``timeout`` overrides the client's default deadline.
         Raises :class:`ValueError` before sending, :class:`grpc.RpcError` from the server.
         """
         if (image is None) == (image_id is None):
@@ -222,18 +254,27 @@ class SegmentationClient(VolumeClient):
             prompt_list = list(prompts)  # may be empty: prompt-free segmenters take none
         else:
             prompt_list = build_prompts(boxes, points)
+        wire_value = segment_encoding(encoding)
+        dicom_seg = wire_value == DICOM_SEG_ENCODING[0]
+        if dicom_seg_options is not None and not dicom_seg:
+            raise ValueError("dicom_seg_options go only with encoding='dicom_seg'")
+        if dicom_seg and image is not None:
+            _check_dicom_image(image)
         request = pb.SegmentRequest(
             model=model,
             prompts=prompt_list,
-            encoding=wire_encoding(encoding),
+            encoding=wire_value,
             return_low_res_logits=return_low_res_logits,
         )
+        options = dicom_seg_message(dicom_seg_options, max_segments=max(len(prompt_list), 1))
+        if options is not None:
+            request.dicom_seg.CopyFrom(options)
         if image is not None:
             request.image.CopyFrom(image)
         else:
             request.image_id = str(image_id)
         response = self._stub.Segment(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        return _segment_result(response, return_low_res_logits)
+        return _segment_result(response, return_low_res_logits, dicom_seg=dicom_seg)
 
     def embed(self, image: pb.Image, model: str = "", *, timeout: float | None = None) -> EmbedResult:
         """Decode and encode ``image`` once on the server; returns its ``image_id``.
@@ -279,11 +320,34 @@ def decode_low_res_logits(logits: pb.LowResLogits) -> np.ndarray:
 
 
 
-def _segment_result(response: pb.SegmentResponse, with_logits: bool) -> SegmentResult:
+# Signatures of encoded formats that are certainly not DICOM (a DICOM file may lack its preamble
+# and "DICM", so anything else is left to the gateway).
+_NOT_DICOM = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+              b"\x1f\x8b": "gzip (NIfTI .nii.gz?)"}
+
+
+def _check_dicom_image(image: pb.Image) -> None:
+    """A DICOM SEG segments a DICOM image: refuse, before sending, an input that is certainly not one."""
+    if image.WhichOneof("source") != "encoded":
+        raise ValueError("a DICOM SEG needs a DICOM image (the SEG references it); a raw pixel array is not one")
+    data = image.encoded
+    if data[128:132] == b"DICM":
+        return
+    for signature, name in _NOT_DICOM.items():
+        if data.startswith(signature):
+            raise ValueError(f"a DICOM SEG needs a DICOM image (the SEG references it); this image is {name}")
+    if data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        raise ValueError("a DICOM SEG needs a DICOM image (the SEG references it); this image is NIfTI")
+
+
+def _segment_result(response: pb.SegmentResponse, with_logits: bool, *, dicom_seg: bool = False) -> SegmentResult:
+    if dicom_seg and not response.dicom_seg:
+        raise ValueError("the gateway answered a DICOM SEG request without the SEG (SegmentResponse.dicom_seg)")
     masks: list[np.ndarray] = []
-    for index, mask in enumerate(response.masks):
+    # With a SEG the masks are metadata only (their data is empty: the pixels are in the SEG).
+    for index, mask in enumerate(() if dicom_seg else response.masks):
         encoding = MASK_ENCODINGS.get(mask.encoding)
-        if encoding is None:
+        if encoding is None or encoding == DICOM_SEG_ENCODING[1]:
             raise ValueError(f"mask {index}: the server used an unknown encoding {mask.encoding}")
         masks.append(decode_mask(mask.data, mask.height, mask.width, encoding))
     logits = None
@@ -298,4 +362,6 @@ def _segment_result(response: pb.SegmentResponse, with_logits: bool) -> SegmentR
         height=int(response.height),
         width=int(response.width),
         low_res_logits=logits,
+        dicom_seg=bytes(response.dicom_seg) if dicom_seg else None,
+        mask_areas=[int(mask.area) for mask in response.masks],
     )

@@ -1,5 +1,5 @@
-"""Command line client: ``python -m medseg_client {segment,models,embed,segment-volume} ...`` (also the
-``medseg-client`` console script; ``python -m service.client`` is an alias inside the repository).
+"""Command line client: ``python -m medseg_client {segment,models,embed,segment-volume,segment-study} ...``
+(also the ``medseg-client`` console script; ``python -m service.client`` is an alias inside the repository).
 
 Call :func:`main` with an argument list to run it in process; it returns the exit code
 (0 ok, 1 gRPC error, 2 usage or local file error or a missing optional package). Errors are
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from medseg_client._generated import segmentation_pb2 as pb
-from medseg_client import SegmentationClient, image_from_file, tls_credentials
+from medseg_client import DicomSegOptions, SegmentationClient, image_from_file, tls_credentials
 from medseg_client.images import SUPPORTED_SUFFIXES
 from medseg_client.overlay import draw_overlay, load_display_image, to_uint8
 from medseg_client.volumes import volume_kind, volume_slices
@@ -44,6 +44,10 @@ Output: MASK.png is an 8-bit PNG (0 = background, 255 = structure) at the input 
 size. With several prompts MASK.png is the union of all masks, and each prompt's own mask
 is also written next to it as MASK-0.png, MASK-1.png, ... in prompt order.
 Prints one line per mask (index, predicted IoU, area in pixels) and the image_id.
+
+--out-seg SEG.dcm (a DICOM --image only): also, or instead of --out, write the masks as one
+DICOM Segmentation object referencing the image, segment i + 1 for prompt i (--label TEXT,
+repeatable, names them in order; --labelmap writes a Label Map SEG, masks must not overlap).
 """
 
 VOLUME_TIMEOUT_S = 600.0
@@ -58,8 +62,21 @@ model must be a prompt-free segmenter (every slice of the range is segmented).
 Uploads the volume, prints one line per slice as it is segmented (slice, area, predicted
 IoU), then the summary; writes MASK.nii.gz (the input's grid and affine; .nii: written
 uncompressed) and deletes the volume from the gateway. --timeout (default 600 s here)
-bounds each call.
+bounds each call. --out-seg SEG.dcm (a DICOM series folder only) also writes the segment
+as a DICOM SEG referencing the series (--label TEXT names it, --labelmap: Label Map SEG).
 """
+
+_STUDY_EPILOG = """\
+The gateway retrieves the series (Study and Series Instance UIDs) from its configured PACS,
+segments it from the --box on slice K (the K-th file along the slice normal; without
+--slice/--box the model must be a prompt-free segmenter), writes a DICOM SEG and, with
+--store, stores it back in the PACS under the source's study. --out-seg also writes the SEG
+here. Prints the SEG's SOP Instance UID, whether it was stored, the slices, voxels, volume
+and timings; never patient data. --timeout (default 600 s here) bounds the whole call.
+"""
+# The steps of SegmentStudyResponse.timings_ms, printed in this order (others after them).
+_STUDY_STEPS = ("retrieve", "decode", "segment", "write_seg", "store", "total")
+_KIND_NAMES = {"nifti": "a NIfTI file", "raw": "a .npy array"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="point prompt; LABEL 1 = foreground, 0 = background (repeatable)",
     )
     _add_model(segment)
-    segment.add_argument("--out", required=True, type=Path, metavar="MASK.png",
-                         help="output mask PNG (the union when there are several prompts)")
+    segment.add_argument("--out", type=Path, metavar="MASK.png",
+                         help="output mask PNG (the union when there are several prompts); required unless "
+                              "--out-seg is given")
     segment.add_argument("--overlay", type=Path, metavar="OVERLAY.png",
-                         help="also write the image with mask outlines, boxes and points drawn")
+                         help="also write the image with mask outlines, boxes and points drawn (with --out)")
+    _add_seg(segment, "a DICOM --image only: write the masks as one DICOM SEG (a segment per prompt)",
+             labels="append")
 
     models = commands.add_parser("models", help="list the models the server serves")
     _add_server(models)
@@ -128,6 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"),
                         help="intensity window in native units (HU for CT) for every slice; default: the "
                              "file's own, the modality default or a percentile stretch")
+    _add_seg(volume, "a DICOM series folder only: also write the segment as a DICOM SEG of the series")
+
+    study = commands.add_parser(
+        "segment-study",
+        help="segment a series of the gateway's PACS by its UIDs and write (or store) the DICOM SEG",
+        description="Segment one structure through a series that lives in the gateway's PACS (by Study and "
+                    "Series Instance UID) from a box on one slice; the gateway writes a DICOM SEG and, with "
+                    "--store, stores it back in the PACS.",
+        epilog=_STUDY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_server(study, timeout=VOLUME_TIMEOUT_S)
+    study.add_argument("--study", required=True, metavar="UID", help="Study Instance UID of the series")
+    study.add_argument("--series", required=True, metavar="UID", help="Series Instance UID to segment")
+    study.add_argument("--slice", type=int, metavar="K", help="the slice the --box is drawn on")
+    study.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+                       help="the structure on slice K, in that slice's pixels")
+    study.add_argument("--range", nargs=2, type=int, metavar=("K0", "K1"),
+                       help="segment only within slices K0..K1 (inclusive; default: the whole series)")
+    study.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"),
+                       help="intensity window in native units (HU for CT); default: the files' own or the "
+                            "modality default")
+    _add_model(study)
+    study.add_argument("--store", action="store_true",
+                       help="store the SEG in the PACS (STOW-RS), under the source's study")
+    _add_seg(study, "also write the SEG (DICOM Part 10) here")
     return parser
 
 
@@ -148,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_segment_args(parser, args)
     if args.command == "segment-volume":
         _check_volume_args(parser, args)
+    if args.command == "segment-study":
+        _check_study_args(parser, args)
     try:
         with _client(args) as client:
             if args.command == "segment":
@@ -156,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _models(client)
             if args.command == "segment-volume":
                 return _segment_volume(client, args)
+            if args.command == "segment-study":
+                return _segment_study(client, args)
             return _embed(client, args)
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
@@ -179,15 +229,28 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
     display = None
     if args.overlay is not None:
         display = load_display_image(args.image, window=window, slice_index=args.slice)
-    result = client.segment(image=image, boxes=boxes, points=points, model=args.model)
-    for index, path in enumerate(mask_paths(args.out, len(result.masks))):
-        mask = result.union() if index == 0 else result.masks[index - 1]
-        write_mask_png(mask, path)
-    for index, (iou, area) in enumerate(zip(result.predicted_ious, result.areas, strict=True)):
+    result = seg = None
+    if args.out is not None:
+        result = client.segment(image=image, boxes=boxes, points=points, model=args.model)
+        for index, path in enumerate(mask_paths(args.out, len(result.masks))):
+            mask = result.union() if index == 0 else result.masks[index - 1]
+            write_mask_png(mask, path)
+    if args.out_seg is not None:
+        # The same image again (the gateway's cache makes the second answer cheap): a SEG answer
+        # carries no mask pixels, so the PNGs come from their own call.
+        seg = client.segment(image=image, boxes=boxes, points=points, model=args.model, encoding="dicom_seg",
+                             dicom_seg_options=_seg_options(args))
+        args.out_seg.write_bytes(seg.dicom_seg)
+    shown = result if result is not None else seg
+    assert shown is not None
+    for index, (iou, area) in enumerate(zip(shown.predicted_ious, shown.areas, strict=True)):
         print(f"mask {index}: predicted_iou={iou:.4f} area={area} px")
-    print(f"image_id: {result.image_id}")
-    print(f"model: {result.model_name} {result.model_version}".rstrip())
-    if display is not None:
+    print(f"image_id: {shown.image_id}")
+    print(f"model: {shown.model_name} {shown.model_version}".rstrip())
+    if seg is not None:
+        print(f"wrote {args.out_seg} (DICOM SEG, {len(seg.predicted_ious)} segment"
+              f"{'s' if len(seg.predicted_ious) != 1 else ''})")
+    if display is not None and result is not None:
         draw_overlay(display, result.masks, boxes, points).save(args.overlay)
     return 0
 
@@ -238,9 +301,13 @@ def _segment_volume(client: SegmentationClient, args: argparse.Namespace) -> int
         slices = "none" if summary.first_slice < 0 else f"{summary.first_slice}..{summary.last_slice}"
         print(f"voxels: {summary.voxel_count} ({summary.volume_ml:.3f} ml), slices {slices}, "
               f"stopped: {', '.join(summary.stop_reasons) or '-'}")
-        mask = client.get_segment_mask(info.volume_id, summary.segment_id)
+        mask = client.get_segment_mask(info.volume_id, summary.segment_id, dicom_seg=args.out_seg is not None,
+                                       dicom_seg_options=_seg_options(args))
         write_nifti(mask.nifti_gz, args.out)
         print(f"wrote {args.out}")
+        if mask.dicom_seg is not None:
+            args.out_seg.write_bytes(mask.dicom_seg)
+            print(f"wrote {args.out_seg} (DICOM SEG)")
         if display is not None:
             args.overlay_dir.mkdir(parents=True, exist_ok=True)
             for item in stream.slices:
@@ -257,7 +324,36 @@ def _segment_volume(client: SegmentationClient, args: argparse.Namespace) -> int
     return 0
 
 
+def _segment_study(client: SegmentationClient, args: argparse.Namespace) -> int:
+    result = client.segment_study(
+        args.study, args.series, slice_index=args.slice, box=tuple(args.box) if args.box else None,
+        model=args.model, range=tuple(args.range) if args.range else None,
+        window=tuple(args.window) if args.window else None, store=args.store,
+        return_dicom_seg=args.out_seg is not None, dicom_seg_options=_seg_options(args))
+    summary, volume = result.summary, result.volume
+    print(f"seg_sop_instance_uid: {result.seg_sop_instance_uid}")
+    print(f"seg_series_instance_uid: {result.seg_series_instance_uid}")
+    print(f"stored: {'yes' if result.stored else 'no'}")
+    print(f"series: {result.instances_retrieved} instances retrieved, {volume.depth} x {volume.height} x "
+          f"{volume.width} slices x rows x columns")
+    print(f"model: {summary.model_name} {summary.model_version}".rstrip())
+    slices = "none" if summary.first_slice < 0 else f"{summary.first_slice}..{summary.last_slice}"
+    print(f"voxels: {summary.voxel_count} ({summary.volume_ml:.3f} ml), slices {slices}, "
+          f"stopped: {', '.join(summary.stop_reasons) or '-'}")
+    print(f"timings: {format_timings(result.timings_ms)}")
+    if result.dicom_seg is not None:
+        args.out_seg.write_bytes(result.dicom_seg)
+        print(f"wrote {args.out_seg} (DICOM SEG)")
+    return 0
+
+
 # --------------------------------------------------------------------------- outputs
+def format_timings(timings_ms: dict[str, float]) -> str:
+    """``retrieve 12 ms, ..., total 80 ms``: the known steps in order, then any others by name."""
+    names = [n for n in _STUDY_STEPS if n in timings_ms] + sorted(set(timings_ms) - set(_STUDY_STEPS))
+    return ", ".join(f"{name} {timings_ms[name]:.0f} ms" for name in names) or "-"
+
+
 def write_nifti(nifti_gz: bytes, path: Path) -> None:
     """Write the gateway's gzipped NIfTI mask to ``path`` (decompressed for a ``.nii`` name)."""
     data = gzip.decompress(nifti_gz) if path.name.lower().endswith(".nii") and nifti_gz[:2] == b"\x1f\x8b" \
@@ -327,12 +423,55 @@ def _add_image(parser: argparse.ArgumentParser) -> None:
                         help="slice of a 3-D input (NIfTI last axis, DICOM frame); default: middle")
 
 
+def _add_seg(parser: argparse.ArgumentParser, help_out: str, labels: str = "store") -> None:
+    """--out-seg, --label and --labelmap (the DICOM SEG options)."""
+    parser.add_argument("--out-seg", type=Path, metavar="SEG.dcm", help=help_out)
+    if labels == "append":
+        parser.add_argument("--label", action="append", default=[], metavar="TEXT",
+                            help="SegmentLabel of the SEG's segments, in prompt order (repeatable; at most 64 "
+                                 "characters; default 'segment N')")
+    else:
+        parser.add_argument("--label", metavar="TEXT",
+                            help="SegmentLabel of the SEG's segment (at most 64 characters; default 'segment 1')")
+    parser.add_argument("--labelmap", action="store_true",
+                        help="write a Label Map Segmentation (default: binary Segmentation)")
+
+
+def _seg_options(args: argparse.Namespace) -> DicomSegOptions | None:
+    labels = args.label if isinstance(args.label, list) else ([args.label] if args.label else [])
+    if not labels and not args.labelmap:
+        return None
+    return DicomSegOptions(segments=labels, kind="labelmap" if args.labelmap else "binary")
+
+
+def _check_seg_args(parser: argparse.ArgumentParser, args: argparse.Namespace, needs_out_seg: bool = True) -> None:
+    if needs_out_seg and args.out_seg is None and (args.label or args.labelmap):
+        parser.error("--label and --labelmap describe the DICOM SEG: they go with --out-seg")
+    if args.out_seg is not None:
+        if not args.out_seg.parent.is_dir():
+            parser.error(f"--out-seg: the folder {str(args.out_seg.parent)!r} does not exist")
+        if getattr(args, "out", None) is not None and args.out_seg.resolve() == args.out.resolve():
+            parser.error("--out-seg and --out name the same file")
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", metavar="NAME",
                         help="model name from 'models' (default: the server's default model)")
 
 
 def _check_segment_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.out is None and args.out_seg is None:
+        parser.error("the following arguments are required: --out (or --out-seg SEG.dcm for a DICOM SEG)")
+    if args.overlay is not None and args.out is None:
+        parser.error("--overlay draws the PNG masks: give --out too")
+    _check_seg_args(parser, args)
+    if args.out_seg is not None and not args.image.name.lower().endswith(".dcm"):
+        parser.error(f"--out-seg needs a DICOM image (.dcm): a DICOM SEG references the image it segments, "
+                     f"and {args.image.name!r} is not one")
+    n_segments = max(len(args.box), 1)
+    if len(args.label) > n_segments:
+        parser.error(f"{len(args.label)} --label flags for {n_segments} mask{'s' if n_segments != 1 else ''} "
+                     "(one label per --box, in order)")
     if args.point and len(args.box) > 1:
         parser.error("--point cannot be combined with several --box flags (which box would it refine?)")
     for x, y, label in args.point:
@@ -356,6 +495,22 @@ def _check_volume_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--spacing is only for .npy volumes: NIfTI and DICOM carry their own spacing")
     if args.spacing is not None and min(args.spacing) <= 0:
         parser.error("--spacing values must be > 0")
+    _check_seg_args(parser, args)
+    if args.out_seg is not None and kind != "dicom_series":
+        parser.error(f"--out-seg needs a DICOM series (a folder of .dcm files) as --image: a DICOM SEG references "
+                     f"the series it segments, and {args.image.name!r} is {_KIND_NAMES.get(kind, kind)}")
+
+
+def _check_study_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.box is None) != (args.slice is None):
+        parser.error("--slice and --box go together (the box is drawn on slice K); give neither only for a "
+                     "prompt-free model")
+    if args.range is not None and not 0 <= args.range[0] <= args.range[1]:
+        parser.error("--range K0 K1 needs 0 <= K0 <= K1")
+    for flag, uid in (("--study", args.study), ("--series", args.series)):
+        if not uid.strip():
+            parser.error(f"{flag} needs a UID")
+    _check_seg_args(parser, args, needs_out_seg=False)
 
 
 def _kind_name(kind: int) -> str:

@@ -13,6 +13,10 @@ column ``x``. The three encodings are those of ``medseg.v1.MaskEncoding``:
 Decoding never trusts the bytes: wrong lengths, sizes or malformed RLE raise
 :class:`ValueError` with a message that says what was expected. (The server encodes with
 ``service.core.mask_codec``.)
+
+``MASK_ENCODING_DICOM_SEG`` (``"dicom_seg"``) is not a mask encoding: a ``Segment`` answer in it
+carries the masks' metadata with empty data and one DICOM SEG for all of them
+(:func:`segment_encoding` accepts it; :func:`wire_encoding`, for the volume calls, refuses it).
 """
 
 from __future__ import annotations
@@ -24,19 +28,23 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medseg_client._optional import require
-from medseg_client.wire import MASK_ENCODING_TO_PB, MASK_ENCODINGS
+from medseg_client.wire import DICOM_SEG_ENCODING, MASK_ENCODING_TO_PB, MASK_ENCODINGS
 
-__all__ = ["MaskEncoding", "decode_mask", "rle_counts"]
+__all__ = ["MaskEncoding", "decode_mask", "rle_counts", "segment_encoding", "wire_encoding"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class MaskEncoding(enum.Enum):
-    """How a mask travels; the values are the names of :data:`medseg_client.wire.MASK_ENCODINGS`."""
+    """How a mask travels; the values are the names of :data:`medseg_client.wire.MASK_ENCODINGS`.
+
+    ``DICOM_SEG`` is for ``segment(...)`` on a DICOM image only: no mask travels in it (the answer's
+    ``dicom_seg`` holds one SEG for all masks), so :func:`decode_mask` refuses it."""
 
     BITS = "bits"
     PNG = "png"
     COCO_RLE = "coco_rle"
+    DICOM_SEG = "dicom_seg"
 
 
 def decode_mask(data: bytes, height: int, width: int, encoding: MaskEncoding | str) -> np.ndarray:
@@ -51,6 +59,9 @@ def decode_mask(data: bytes, height: int, width: int, encoding: MaskEncoding | s
         encoding = MaskEncoding(encoding)
     except ValueError:
         raise ValueError(f"unsupported mask encoding {encoding!r}") from None
+    if encoding is MaskEncoding.DICOM_SEG:
+        raise ValueError("unsupported mask encoding 'dicom_seg': its masks carry no data (the pixels are in the "
+                         "answer's DICOM SEG)")
     height, width = int(height), int(width)
     if height < 1 or width < 1:
         raise ValueError(f"mask size must be at least 1 x 1, got {height} x {width}")
@@ -138,10 +149,35 @@ def _decode_rle(data: bytes, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(decoded.astype(bool))
 
 
-def wire_encoding(encoding: "int | MaskEncoding") -> int:
-    """The ``pb.MaskEncoding`` value of ``encoding`` (a :class:`MaskEncoding` or a wire value)."""
+def wire_encoding(encoding: "int | str | MaskEncoding") -> int:
+    """The ``pb.MaskEncoding`` value of a mask encoding: a :class:`MaskEncoding`, its value
+    (``"bits"``, ``"png"``, ``"coco_rle"``) or a wire value. :class:`ValueError` for anything else,
+    ``MASK_ENCODING_DICOM_SEG`` included (a SEG is not a mask encoding: see :func:`segment_encoding`)."""
+    if _is_dicom_seg(encoding):
+        raise ValueError("MASK_ENCODING_DICOM_SEG is only for Segment on a DICOM image (segment(..., "
+                         "encoding='dicom_seg')); a volume's SEG comes from get_segment_mask(..., dicom_seg=True)")
     if isinstance(encoding, MaskEncoding):
         return MASK_ENCODING_TO_PB[encoding.value]
+    if isinstance(encoding, str):
+        try:
+            return MASK_ENCODING_TO_PB[MaskEncoding(encoding).value]
+        except ValueError:
+            raise ValueError(f"unknown mask encoding {encoding!r}") from None
     if int(encoding) not in MASK_ENCODINGS:
         raise ValueError(f"unknown mask encoding {encoding!r}")
     return int(encoding)
+
+
+def segment_encoding(encoding: "int | str | MaskEncoding") -> int:
+    """The ``pb.MaskEncoding`` of a 2-D ``Segment`` request: a mask encoding (see
+    :func:`wire_encoding`) or the DICOM SEG (:attr:`MaskEncoding.DICOM_SEG`, ``"dicom_seg"``,
+    ``"dicom-seg"`` or ``pb.MASK_ENCODING_DICOM_SEG``)."""
+    return DICOM_SEG_ENCODING[0] if _is_dicom_seg(encoding) else wire_encoding(encoding)
+
+
+def _is_dicom_seg(encoding: object) -> bool:
+    if isinstance(encoding, MaskEncoding):
+        return encoding is MaskEncoding.DICOM_SEG
+    if isinstance(encoding, str):
+        return encoding.strip().lower().replace("-", "_") == DICOM_SEG_ENCODING[1]
+    return isinstance(encoding, int) and not isinstance(encoding, bool) and encoding == DICOM_SEG_ENCODING[0]

@@ -16,6 +16,13 @@ services)::
         open("mask.nii.gz", "wb").write(mask.nifti_gz)             # the input's grid and affine
         client.delete_volume(info.volume_id)
 
+A DICOM series also gives its segment as a DICOM SEG (``get_segment_mask(..., dicom_seg=True)``),
+and a series in the gateway's PACS is segmented without uploading it::
+
+        study = client.segment_study(study_uid, series_uid, slice_index=54, box=(80, 60, 180, 170),
+                                     store=True, label="liver", timeout=600)
+        print(study.seg_sop_instance_uid, study.stored, study.summary.volume_ml)
+
 Coordinates are the *input-convention pixels* of slice ``k`` (x = column, y = row, origin at
 the top-left corner): NIfTI ``numpy.flipud(vol[:, :, k].T)`` of the stored array (as the 2-D
 ``segment`` call shows NIfTI slice ``k``), DICOM series file ``k`` after sorting along the slice
@@ -33,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+import re
 from typing import Any
 
 import grpc
@@ -44,11 +52,13 @@ from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
 from medseg_client._optional import require
 from medseg_client.images import window_message, wire_dtype
 from medseg_client.masks import MaskEncoding, decode_mask, wire_encoding
-from medseg_client.wire import DTYPE_TO_PB, MASK_ENCODINGS, VOLUME_FORMAT_TO_PB
+from medseg_client.seg import DicomSegOptions, dicom_seg_message
+from medseg_client.wire import DICOM_SEG_ENCODING, DTYPE_TO_PB, MASK_ENCODINGS, VOLUME_FORMAT_TO_PB
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "SegmentMask",
+    "SegmentStudyResult",
     "SliceMask",
     "VolumeClient",
     "VolumeInfo",
@@ -63,6 +73,9 @@ __all__ = [
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOMDIR = "DICOMDIR"
+# A DICOM UID: digit groups separated by dots, at most 64 characters (PS3.5 9.1).
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_UID_CHARS = 64
 
 
 # --------------------------------------------------------------------------- results
@@ -121,16 +134,40 @@ class VolumeSummary:
 @dataclass(frozen=True)
 class SegmentMask:
     """``GetSegmentMask``: the 3-D mask as gzipped NIfTI bytes (uint8 {0, 1}, the input's grid
-    and affine), its non-empty slices decoded, and the summary."""
+    and affine), its non-empty slices decoded, and the summary; ``dicom_seg``: the segment as a
+    DICOM SEG of the uploaded series (Part 10 bytes) when asked for (``dicom_seg=True``), else
+    ``None``."""
 
     nifti_gz: bytes
     slices: list[SliceMask]
     summary: VolumeSummary
+    dicom_seg: bytes | None = None
 
     def nifti(self) -> Any:
         """The mask as a ``nibabel`` image (needs nibabel: ``pip install 'medseg-client[files]'``)."""
         nibabel = require("nibabel", "files", "reading the NIfTI mask")
         return nibabel.Nifti1Image.from_bytes(_gunzip(self.nifti_gz))
+
+
+@dataclass(frozen=True)
+class SegmentStudyResult:
+    """``SegmentStudy``: a series of the gateway's PACS, segmented and written as a DICOM SEG.
+
+    ``seg_sop_instance_uid`` / ``seg_series_instance_uid``: the SEG written (new UIDs each call);
+    ``stored``: the PACS accepted it (``store=True``); ``dicom_seg``: its Part 10 bytes with
+    ``return_dicom_seg=True``, else ``None``; ``volume``: the retrieved series' geometry
+    (``volume_id`` empty unless ``keep_volume=True``); ``summary``: the segment's;
+    ``instances_retrieved``: files fetched from the PACS; ``timings_ms``: per step (retrieve,
+    decode, segment, write_seg, store, total)."""
+
+    seg_sop_instance_uid: str
+    seg_series_instance_uid: str
+    stored: bool
+    dicom_seg: bytes | None
+    volume: VolumeInfo
+    summary: VolumeSummary
+    instances_retrieved: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 class VolumeStream(Iterator[SliceMask]):
@@ -352,13 +389,96 @@ class VolumeClient:
 
     def get_segment_mask(self, volume_id: str, segment_id: str, *,
                          encoding: int | MaskEncoding = pb.MASK_ENCODING_BITS,
+                         dicom_seg: bool = False,
+                         dicom_seg_options: DicomSegOptions | pb.DicomSegOptions | None = None,
                          timeout: float | None = None) -> SegmentMask:
-        """The segment's whole mask: NIfTI bytes on the input's grid, non-empty slices, summary."""
+        """The segment's whole mask: NIfTI bytes on the input's grid, non-empty slices, summary.
+
+        ``dicom_seg=True`` (a volume uploaded as a DICOM series only; any other is INVALID_ARGUMENT):
+        also the segment as a DICOM SEG of the series (:attr:`SegmentMask.dicom_seg`), written as
+        ``dicom_seg_options`` says (one segment; only with ``dicom_seg``)."""
+        if dicom_seg_options is not None and not dicom_seg:
+            raise ValueError("dicom_seg_options go only with dicom_seg=True")
         request = vpb.GetSegmentMaskRequest(volume_id=str(volume_id), segment_id=str(segment_id),
-                                            encoding=wire_encoding(encoding))
+                                            encoding=wire_encoding(encoding), dicom_seg=bool(dicom_seg))
+        options = dicom_seg_message(dicom_seg_options, max_segments=1)
+        if options is not None:
+            request.dicom_seg_options.CopyFrom(options)
         response = self._volumes.GetSegmentMask(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        if dicom_seg and not response.dicom_seg:
+            raise ValueError("the gateway answered a DICOM SEG request without the SEG "
+                             "(GetSegmentMaskResponse.dicom_seg)")
         return SegmentMask(nifti_gz=bytes(response.nifti_gz), slices=[_slice(s) for s in response.slices],
-                           summary=_summary(response.summary))
+                           summary=_summary(response.summary),
+                           dicom_seg=bytes(response.dicom_seg) if dicom_seg else None)
+
+    def segment_study(
+        self,
+        study_uid: str,
+        series_uid: str,
+        *,
+        slice_index: int | None = None,
+        box: Sequence[float] | None = None,
+        model: str = "",
+        range: Sequence[int] | None = None,  # noqa: A002 - the documented name
+        window: Sequence[float] | None = None,
+        store: bool = False,
+        return_dicom_seg: bool = False,
+        label: str = "",
+        dicom_seg_options: DicomSegOptions | pb.DicomSegOptions | None = None,
+        keep_volume: bool = False,
+        timeout: float | None = None,
+    ) -> SegmentStudyResult:
+        """Segment a series of the gateway's PACS (``--pacs-url``): the gateway retrieves it by its
+        Study and Series Instance UIDs, segments it as :meth:`segment_volume` does (``slice_index``
+        + ``box``, both or neither, on the slices sorted along the normal; ``range``; ``model``;
+        ``window`` = ``(center, width)``, default as for an upload), writes a DICOM SEG and, with
+        ``store=True``, stores it back in the PACS under the source's study (STOW-RS).
+
+        ``return_dicom_seg``: also return the SEG's bytes. ``label``: the segment's label (or give
+        ``dicom_seg_options``, not both with a segment in it). ``keep_volume``: keep the series as
+        this caller's volume (``result.volume.volume_id``, segment ``result.summary.segment_id``) to
+        refine it; else the gateway forgets it when it answers. ``timeout``: retrieval, segmentation
+        and storage together (pass one longer than the client's default for a large series).
+
+        Server errors (:class:`grpc.RpcError`) beyond the other calls': FAILED_PRECONDITION (no
+        PACS configured, or the PACS refused the SEG), UNAVAILABLE (the PACS unreachable or
+        failing), NOT_FOUND (no such study/series), RESOURCE_EXHAUSTED (the series is too large).
+        """
+        if (box is None) != (slice_index is None):
+            raise ValueError("give box and slice_index together (the slice the box is drawn on), or neither")
+        options = dicom_seg_message(dicom_seg_options, max_segments=1)
+        if label:
+            if options is not None and options.segments:
+                raise ValueError("give the segment's label either as label or in dicom_seg_options, not both")
+            labelled = dicom_seg_message(DicomSegOptions(segments=[label]))
+            if options is None:
+                options = labelled
+            else:
+                options.segments.extend(labelled.segments)
+        request = vpb.SegmentStudyRequest(study_instance_uid=_uid(study_uid, "study_uid"),
+                                          series_instance_uid=_uid(series_uid, "series_uid"), model=model,
+                                          store=bool(store), return_dicom_seg=bool(return_dicom_seg),
+                                          keep_volume=bool(keep_volume))
+        if box is not None:
+            request.slice_index = _index(slice_index, "slice_index")
+            request.box.CopyFrom(_box(box))
+        if range is not None:
+            request.range.CopyFrom(_slice_range(range, "range"))
+        if window is not None:
+            request.window.CopyFrom(window_message(window))
+        if options is not None:
+            request.dicom_seg_options.CopyFrom(options)
+        response = self._volumes.SegmentStudy(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        if return_dicom_seg and not response.dicom_seg:
+            raise ValueError("the gateway answered without the SEG asked for (SegmentStudyResponse.dicom_seg)")
+        return SegmentStudyResult(seg_sop_instance_uid=response.seg_sop_instance_uid,
+                                  seg_series_instance_uid=response.seg_series_instance_uid,
+                                  stored=bool(response.stored),
+                                  dicom_seg=bytes(response.dicom_seg) if return_dicom_seg else None,
+                                  volume=_info(response.volume), summary=_summary(response.summary),
+                                  instances_retrieved=int(response.instances_retrieved),
+                                  timings_ms=dict(response.timings_ms))
 
     def delete_volume(self, volume_id: str, *, timeout: float | None = None) -> bool:
         """Forget the volume and its segments now; False when there was no such volume."""
@@ -435,6 +555,16 @@ def _index(value: int, name: str) -> int:
     return int(value)
 
 
+def _uid(value: str, name: str) -> str:
+    uid = str(value).strip()
+    if not uid:
+        raise ValueError(f"{name} is required (a DICOM UID such as 1.2.840.113619.2.55.3)")
+    if len(uid) > MAX_UID_CHARS or not _UID.fullmatch(uid):
+        raise ValueError(f"{name} is not a DICOM UID (digits separated by dots, at most {MAX_UID_CHARS} "
+                         "characters)")
+    return uid
+
+
 def _box(box: Sequence[float]) -> pb.Box:
     if len(box) != 4:
         raise ValueError(f"a box is (x0, y0, x1, y1), got {len(box)} values: {tuple(box)}")
@@ -462,7 +592,7 @@ def _info(msg: vpb.VolumeInfo) -> VolumeInfo:
 def _slice(msg: vpb.SliceMaskMessage) -> SliceMask:
     mask = msg.mask
     encoding = MASK_ENCODINGS.get(mask.encoding)
-    if encoding is None:
+    if encoding is None or encoding == DICOM_SEG_ENCODING[1]:  # a SEG is no slice encoding
         raise ValueError(f"slice {msg.slice_index}: the server used an unknown mask encoding {mask.encoding}")
     return SliceMask(slice_index=int(msg.slice_index), mask=decode_mask(mask.data, mask.height, mask.width, encoding),
                      predicted_iou=float(mask.predicted_iou), area=int(mask.area))

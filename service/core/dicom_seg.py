@@ -42,11 +42,10 @@ image) into one DICOM SEG instance, as Part 10 bytes:
 **Patient data.** The standard requires the SEG to carry the source's Patient, Study (and
 Clinical Trial) modules; highdicom copies them. None of their values is logged or put in an
 error message: messages name attributes and instance numbers (1-based, slice order) only,
-and while a SEG is built every record of the ``highdicom`` and ``pydicom`` loggers is dropped
-and Python warnings are ignored (highdicom warns with the patient's name when it has a
-single component; pydicom warns with a value that does not fit its VR). That switch is
-process-wide for the duration of the build (reference-counted, thread-safe): a warning that
-another thread raises meanwhile is dropped too.
+and while a thread builds a SEG, what the ``highdicom`` and ``pydicom`` loggers log and the
+Python warnings shown in that thread are dropped (highdicom warns with the patient's name
+when it has a single component; pydicom warns with a value that does not fit its VR). The
+switch is per thread: records and warnings of other threads meanwhile are untouched.
 """
 
 from __future__ import annotations
@@ -78,7 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from service.core.volume import Volume
 
 __all__ = ["ANATOMICAL_STRUCTURE", "DEFAULT_SERIES_NUMBER", "GENERIC_CATEGORY", "GENERIC_TYPE", "KINDS",
-           "LABELMAP_SUPPORTED", "STRUCTURES", "Algorithm", "SegmentCodes", "SegmentSpec", "segment_codes",
+           "LABELMAP_SUPPORTED", "STRUCTURES", "Algorithm", "SegOptions", "SegmentCodes", "SegmentSpec", "new_uid", "segment_codes",
            "write_seg", "write_volume_seg"]
 
 CodeLike = Union[Code, hd.sr.CodedConcept]
@@ -141,6 +140,32 @@ class SegmentSpec:
     category_code: CodeLike | None = None
     type_code: CodeLike | None = None
     type_modifier_code: CodeLike | None = None
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How a caller wants a SEG written (``medseg.v1.DicomSegOptions``): its ``segments`` in
+    order (fewer than the masks: the rest are "segment N" with the generic codes),
+    ``kind`` (:data:`KINDS`) and ``series_description`` ("": the gateway's default)."""
+
+    segments: tuple[SegmentSpec, ...] = ()
+    kind: str = "binary"
+    series_description: str = ""
+
+    def specs(self, count: int) -> list[SegmentSpec]:
+        """One :class:`SegmentSpec` per mask; InvalidArgument when more are described."""
+        if len(self.segments) > count:
+            raise InvalidArgument(f"dicom_seg describes {len(self.segments)} segments but the answer has {count} "
+                                  f"mask(s) (one segment per prompt; a volume's segment is one)")
+        given = [spec if spec.label else SegmentSpec(f"segment {i}", spec.category_code, spec.type_code,
+                                                     spec.type_modifier_code)
+                 for i, spec in enumerate(self.segments, 1)]
+        return given + [SegmentSpec(f"segment {i}") for i in range(len(given) + 1, count + 1)]
+
+
+def new_uid() -> str:
+    """A new DICOM UID (for a SEG's series and instance)."""
+    return str(hd.UID())
 
 
 @dataclass(frozen=True)
@@ -301,46 +326,53 @@ def _complete(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 # --------------------------------------------------------------------------- quiet libraries
-class _DropAll(logging.Filter):
+class _DropInQuietThreads(logging.Filter):
+    """Drops the records a thread logs while it builds a SEG; other threads' pass."""
+
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging's name
-        return False
+        return not getattr(_quiet, "depth", 0)
 
 
-_DROP = _DropAll()
+_quiet = threading.local()
+_DROP = _DropInQuietThreads()
 _QUIET_LIBRARIES = ("highdicom", "pydicom")
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_state: tuple[list[logging.Logger], warnings.catch_warnings] | None = None
+_install_lock = threading.Lock()
+
+
+def _quiet_showwarning(message, category, filename, lineno, file=None, line=None):  # warnings' signature
+    if getattr(_quiet, "depth", 0):
+        return
+    _quiet_showwarning.wrapped(message, category, filename, lineno, file, line)
+
+
+_quiet_showwarning.wrapped = warnings.showwarning
+
+
+def _install_filters() -> None:
+    """The drop filter on every highdicom/pydicom logger (their modules log on their own
+    loggers, which do not pass a parent's filters) and the warnings hook; idempotent, and
+    re-done on each build for loggers made since and a ``warnings.showwarning`` replaced since
+    (e.g. by ``logging.captureWarnings`` or a test's ``catch_warnings``)."""
+    with _install_lock:
+        names = {name for name in list(logging.root.manager.loggerDict)
+                 if name.split(".", 1)[0] in _QUIET_LIBRARIES} | set(_QUIET_LIBRARIES)
+        for name in names:
+            logging.getLogger(name).addFilter(_DROP)   # no-op when already there
+        if warnings.showwarning is not _quiet_showwarning:
+            _quiet_showwarning.wrapped = warnings.showwarning
+            warnings.showwarning = _quiet_showwarning
 
 
 @contextmanager
 def _libraries_silenced() -> Iterator[None]:
-    """Drop every record of the highdicom and pydicom loggers and ignore warnings while a
-    SEG is built (their messages may hold tag values). Reference-counted across threads."""
-    global _quiet_depth, _quiet_state
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            names = [name for name in list(logging.root.manager.loggerDict)
-                     if name.split(".", 1)[0] in _QUIET_LIBRARIES]
-            loggers = [logging.getLogger(name) for name in {*names, *_QUIET_LIBRARIES}]
-            for logger in loggers:
-                logger.addFilter(_DROP)
-            catcher = warnings.catch_warnings()
-            catcher.__enter__()
-            warnings.simplefilter("ignore")
-            _quiet_state = (loggers, catcher)
-        _quiet_depth += 1
+    """While this thread builds a SEG, drop what highdicom and pydicom log and warn in it
+    (their messages may hold tag values); other threads log and warn as usual."""
+    _install_filters()
+    _quiet.depth = getattr(_quiet, "depth", 0) + 1
     try:
         yield
     finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0 and _quiet_state is not None:
-                loggers, catcher = _quiet_state
-                for logger in loggers:
-                    logger.removeFilter(_DROP)
-                catcher.__exit__(None, None, None)
-                _quiet_state = None
+        _quiet.depth -= 1
 
 
 # --------------------------------------------------------------------------- writing

@@ -132,6 +132,12 @@ class MaskEncoding(enum.Enum):
     BITS = "bits"
     PNG = "png"
     COCO_RLE = "coco_rle"
+    # one DICOM SEG for the whole answer (service/core/dicom_seg.py); the masks carry no data
+    DICOM_SEG = "dicom_seg"
+
+
+# the encodings of one mask's own payload (Mask.data): what service.core.mask_codec encodes
+PAYLOAD_ENCODINGS = (MaskEncoding.BITS, MaskEncoding.PNG, MaskEncoding.COCO_RLE)
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,8 @@ class SegmentRequest:
     image_id: str | None = None
     encoding: MaskEncoding = MaskEncoding.BITS
     return_low_res_logits: bool = False
+    # with encoding DICOM_SEG: a service.core.dicom_seg.SegOptions (None: the defaults)
+    dicom_seg: object | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,7 @@ class SegmentResult:
     height: int
     width: int
     masks: tuple[MaskResult, ...] = field(default_factory=tuple)
+    dicom_seg: bytes | None = None   # encoding DICOM_SEG: the SEG instance (Part 10 bytes)
 
 
 @dataclass(frozen=True)

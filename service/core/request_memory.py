@@ -92,6 +92,7 @@ def image_footprint(image: ImageInput | None, limits: ImageLimits = ImageLimits(
 
 
 # --------------------------------------------------------------------------- the answer
+SEG_HEADER_BYTES = 256 * 1024   # a DICOM SEG's header and references, beyond its frames
 def answer_bounds(height: int, width: int, masks: int, encoding: MaskEncoding, low_res_logits: bool = False,
                   low_res: tuple[int, int] = LOW_RES_DEFAULT) -> tuple[int, int]:
     """(least, most) bytes of the serialised answer: the payloads alone (bit-packed masks
@@ -104,6 +105,11 @@ def answer_bounds(height: int, width: int, masks: int, encoding: MaskEncoding, l
         least = most = (pixels + 7) // 8
     elif encoding is MaskEncoding.PNG:
         least, most = 60, pixels + height + 6 * (pixels // 16384 + 1) + 128
+    elif encoding is MaskEncoding.DICOM_SEG:
+        # one SEG: 1 bit per pixel of each non-empty frame, plus per-frame items and the header
+        # copied from the source (SEG_HEADER_BYTES covers a large one)
+        least, most = 0, (pixels + 7) // 8 + 2048
+        return masks * logits, SEG_HEADER_BYTES + masks * (most + logits + MASK_OVERHEAD)
     else:
         least, most = 2, pixels + 64
     return masks * (least + logits), 256 + masks * (most + logits + MASK_OVERHEAD)

@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.sr.coding import Code
 
 from medseg_client import wire
 from medseg_client._generated import segmentation_pb2 as pb
 from service.core import errors
+from service.core.dicom_seg import KINDS, SegmentSpec, SegOptions
 from service.core.domain import (Box, EmbedResult, ImageInput, MaskEncoding, ModelInfo, Point, Prompt, PromptKind,
                             RawPixels, SegmentRequest, SegmentResult, Window)
 from service.core.mask_codec import encode_mask
@@ -46,6 +48,31 @@ def mask_to_proto(height: int, width: int, encoding: MaskEncoding, data: bytes, 
                   area: int) -> pb.Mask:
     return pb.Mask(height=height, width=width, encoding=_ENCODING_TO_PB[encoding], data=data,
                    predicted_iou=predicted_iou, area=area)
+
+
+_SEG_KINDS = {pb.SEG_KIND_UNSPECIFIED: "binary", pb.SEG_KIND_BINARY: "binary", pb.SEG_KIND_LABELMAP: "labelmap"}
+assert set(_SEG_KINDS.values()) <= set(KINDS)
+
+
+def _code_from_proto(msg: pb.Code, what: str) -> Code:
+    if not (msg.scheme_designator and msg.value and msg.meaning):
+        raise errors.InvalidArgument(f"{what} needs scheme_designator, value and meaning (e.g. SCT, 10200004, Liver)")
+    try:
+        return Code(msg.value, msg.scheme_designator, msg.meaning)
+    except (TypeError, ValueError):
+        raise errors.InvalidArgument(f"{what} is not a valid code") from None
+
+
+def seg_options_from_proto(msg: pb.DicomSegOptions) -> SegOptions:
+    """``DicomSegOptions`` -> :class:`SegOptions` (codes checked again by the SEG writer)."""
+    if msg.kind not in _SEG_KINDS:
+        raise errors.InvalidArgument(f"unknown dicom_seg kind {msg.kind}; use SEG_KIND_BINARY or SEG_KIND_LABELMAP")
+    specs = []
+    for i, seg in enumerate(msg.segments, 1):
+        codes = [_code_from_proto(getattr(seg, name), f"segment {i}'s {name}") if seg.HasField(name) else None
+                 for name in ("category", "type", "type_modifier")]
+        specs.append(SegmentSpec(seg.label, *codes))
+    return SegOptions(tuple(specs), _SEG_KINDS[msg.kind], msg.series_description)
 
 
 def image_from_proto(msg: pb.Image) -> ImageInput:
@@ -94,7 +121,16 @@ def segment_request_from_proto(msg: pb.SegmentRequest, model: str) -> SegmentReq
         image_id=msg.image_id if which == "image_id" else None,
         encoding=encoding,
         return_low_res_logits=msg.return_low_res_logits,
+        dicom_seg=_dicom_seg_of(msg, encoding),
     )
+
+
+def _dicom_seg_of(msg: pb.SegmentRequest, encoding: MaskEncoding) -> SegOptions | None:
+    if encoding is not MaskEncoding.DICOM_SEG:
+        if msg.HasField("dicom_seg"):
+            raise errors.InvalidArgument("dicom_seg options need encoding MASK_ENCODING_DICOM_SEG")
+        return None
+    return seg_options_from_proto(msg.dicom_seg)
 
 
 def model_ref(info: ModelInfo) -> pb.ModelRef:
@@ -104,7 +140,10 @@ def model_ref(info: ModelInfo) -> pb.ModelRef:
 def segment_response_to_proto(result: SegmentResult, encoding: MaskEncoding) -> pb.SegmentResponse:
     masks = []
     for m in result.masks:
-        data = m.encoded if m.encoded is not None else encode_mask(m.mask, encoding)
+        if encoding is MaskEncoding.DICOM_SEG:
+            data = b""   # the masks are in result.dicom_seg
+        else:
+            data = m.encoded if m.encoded is not None else encode_mask(m.mask, encoding)
         area = m.area if m.area is not None else int(m.mask.sum())
         msg = mask_to_proto(result.height, result.width, encoding, data, m.predicted_iou, area)
         if m.low_res_logits is not None:
@@ -113,7 +152,7 @@ def segment_response_to_proto(result: SegmentResult, encoding: MaskEncoding) -> 
                                                         data=lr.astype("<f4").tobytes()))
         masks.append(msg)
     return pb.SegmentResponse(masks=masks, model=model_ref(result.model), image_id=result.image_id,
-                              height=result.height, width=result.width)
+                              height=result.height, width=result.width, dicom_seg=result.dicom_seg or b"")
 
 
 def embed_response_to_proto(result: EmbedResult) -> pb.EmbedImageResponse:

@@ -20,9 +20,11 @@ from medseg_client import wire
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import volumes_pb2 as vpb
 from service.core import errors
+from service.core.dicom_seg import SegOptions
 from service.core.domain import MaskEncoding
 from service.core.volume import FORMATS, VolumeSource
 from service.edge import convert
+from service.inference.studies import StudyRequest, StudyResult
 from service.inference.volumes import (RefineRequest, SegmentMaskResult, SegmentVolumeRequest, SliceMask,
                                        VolumeInfo, VolumeSummary)
 
@@ -188,6 +190,17 @@ class SegmentRef:
     volume_id: str
     segment_id: str
     encoding: MaskEncoding = MaskEncoding.BITS
+    dicom_seg: SegOptions | None = None   # GetSegmentMask: also the SEG, written with these options
+
+
+def _slice_encoding(value: int) -> MaskEncoding:
+    """The encoding of streamed slice masks: BITS, PNG or COCO_RLE (a SEG is one object for the
+    whole segment: GetSegmentMask with dicom_seg)."""
+    encoding = convert.mask_encoding_from_proto(value)
+    if encoding is MaskEncoding.DICOM_SEG:
+        raise errors.InvalidArgument("slice masks travel as BITS, PNG or COCO_RLE; for a DICOM SEG of the whole "
+                                     "segment call GetSegmentMask with dicom_seg = true")
+    return encoding
 
 
 def _volume_id(value: str) -> str:
@@ -212,7 +225,7 @@ def _range(msg: vpb.SliceRange, field: str) -> tuple[int, int]:
 
 def segment_request_from_proto(msg: vpb.SegmentVolumeRequest, model: str) -> SegmentVolumeRequest:
     """``model``: the served model's name, resolved from ``msg.model`` by ``Gateway.model_name``."""
-    encoding = convert.mask_encoding_from_proto(msg.encoding)
+    encoding = _slice_encoding(msg.encoding)
     has_box, has_slice = msg.HasField("box"), msg.HasField("slice_index")
     if has_slice and not has_box:
         raise errors.InvalidArgument("slice_index without a box: slice_index names the slice the box is drawn on; "
@@ -228,7 +241,7 @@ def segment_request_from_proto(msg: vpb.SegmentVolumeRequest, model: str) -> Seg
 
 
 def refine_request_from_proto(msg: vpb.RefineSegmentRequest) -> RefineRequest:
-    encoding = convert.mask_encoding_from_proto(msg.encoding)
+    encoding = _slice_encoding(msg.encoding)
     volume_id, segment_id = _volume_id(msg.volume_id), _segment_id(msg.segment_id)
     action = msg.WhichOneof("action")
     if action is None:
@@ -244,8 +257,43 @@ def refine_request_from_proto(msg: vpb.RefineSegmentRequest) -> RefineRequest:
 
 
 def segment_ref_from_proto(msg: vpb.UndoSegmentRequest | vpb.GetSegmentMaskRequest) -> SegmentRef:
-    encoding = convert.mask_encoding_from_proto(msg.encoding)
-    return SegmentRef(_volume_id(msg.volume_id), _segment_id(msg.segment_id), encoding)
+    encoding = _slice_encoding(msg.encoding)
+    dicom_seg = None
+    if isinstance(msg, vpb.GetSegmentMaskRequest):
+        if msg.dicom_seg:
+            dicom_seg = convert.seg_options_from_proto(msg.dicom_seg_options)
+        elif msg.HasField("dicom_seg_options"):
+            raise errors.InvalidArgument("dicom_seg_options need dicom_seg = true")
+    return SegmentRef(_volume_id(msg.volume_id), _segment_id(msg.segment_id), encoding, dicom_seg)
+
+
+_UID_CHARS = frozenset("0123456789.")
+
+
+def _uid(value: str, field: str) -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{field} is empty: send the DICOM UID of the study/series in the PACS")
+    if len(value) > 64 or not set(value) <= _UID_CHARS or value.startswith(".") or value.endswith(".") \
+            or ".." in value:
+        raise errors.InvalidArgument(f"{field} is not a DICOM UID (digits and dots, at most 64 characters)")
+    return value
+
+
+def study_request_from_proto(msg: vpb.SegmentStudyRequest, model: str) -> StudyRequest:
+    """``model``: resolved by ``Gateway.model_name`` (the one place the default applies)."""
+    has_box, has_slice = msg.HasField("box"), msg.HasField("slice_index")
+    if has_slice != has_box:
+        raise errors.InvalidArgument("send slice_index and box together (the box is drawn on that slice), or "
+                                     "neither (a prompt-free model)")
+    first, last = _range(msg.range, "range") if msg.HasField("range") else (None, None)
+    return StudyRequest(
+        study_uid=_uid(msg.study_instance_uid, "study_instance_uid"),
+        series_uid=_uid(msg.series_instance_uid, "series_instance_uid"), model=model,
+        slice_index=int(msg.slice_index) if has_slice else None,
+        box=convert.box_from_proto(msg.box) if has_box else None, first_slice=first, last_slice=last,
+        window=convert.window_from_proto(msg.window) if msg.HasField("window") else None,
+        store=msg.store, return_dicom_seg=msg.return_dicom_seg,
+        dicom_seg=convert.seg_options_from_proto(msg.dicom_seg_options), keep_volume=msg.keep_volume)
 
 
 def delete_request_from_proto(msg: vpb.DeleteVolumeRequest) -> str:
@@ -296,7 +344,16 @@ def stream_item_to_proto(item: SliceMask | VolumeSummary) -> vpb.VolumeSegmentRe
 
 def mask_response_to_proto(result: SegmentMaskResult) -> vpb.GetSegmentMaskResponse:
     return vpb.GetSegmentMaskResponse(nifti_gz=result.nifti_gz, slices=[slice_to_proto(s) for s in result.slices],
-                                      summary=summary_to_proto(result.summary))
+                                      summary=summary_to_proto(result.summary),
+                                      dicom_seg=result.dicom_seg.data if result.dicom_seg is not None else b"")
+
+
+def study_response_to_proto(result: StudyResult, with_seg: bool) -> vpb.SegmentStudyResponse:
+    return vpb.SegmentStudyResponse(
+        volume=volume_info_to_proto(result.volume), summary=summary_to_proto(result.summary),
+        seg_sop_instance_uid=result.seg.sop_instance_uid, seg_series_instance_uid=result.seg.series_instance_uid,
+        stored=result.stored, dicom_seg=result.seg.data if with_seg else b"", instances_retrieved=result.instances,
+        timings_ms={k: float(v) for k, v in result.timings_ms.items()})
 
 
 def delete_response(deleted: bool) -> vpb.DeleteVolumeResponse:
@@ -327,6 +384,8 @@ def request_summary(msg: object) -> convert.RequestSummary:
         return convert.RequestSummary(msg.model, 1 if msg.HasField("box") else 0)
     if isinstance(msg, vpb.RefineSegmentRequest):
         return convert.RequestSummary(None, 1 if msg.WhichOneof("action") == "add_box" else None)
+    if isinstance(msg, vpb.SegmentStudyRequest):
+        return convert.RequestSummary(msg.model, 1 if msg.HasField("box") else 0)
     return convert.RequestSummary()
 
 

@@ -22,7 +22,9 @@ import grpc
 from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
 from service.edge import volume_convert
 from service.edge.servicer import Call, GuardedServicer, rpc, rpc_client_stream, rpc_stream
+from service.core.errors import FailedPrecondition
 from service.inference import work
+from service.inference.studies import NO_PACS
 from service.inference.volumes import VolumeService
 
 
@@ -105,10 +107,27 @@ class VolumesServicer(GuardedServicer, vpb_grpc.VolumesServicer):
     def UndoSegment(self, ref, context, call: Call):
         return self.volumes.undo(ref.volume_id, ref.segment_id, self._owner(call), ref.encoding)
 
+    def _prepare_study(self, request, call: Call):
+        req = volume_convert.study_request_from_proto(request, call.model)
+        self.gateway.pipeline(call.model)  # unknown model: NOT_FOUND; still loading: UNAVAILABLE
+        if not self.gateway.studies.configured:
+            raise FailedPrecondition(NO_PACS)
+        return req, None
+
     @rpc("GetSegmentMask", admitted=False, prepare=_prepare_segment_ref)
     async def GetSegmentMask(self, ref, context, call: Call):
-        result = await self.volumes.mask(ref.volume_id, ref.segment_id, self._owner(call), ref.encoding)
+        result = await self.volumes.mask(ref.volume_id, ref.segment_id, self._owner(call), ref.encoding,
+                                         dicom_seg=ref.dicom_seg)
         return volume_convert.mask_response_to_proto(result)
+
+    @rpc("SegmentStudy", prepare=_prepare_study)
+    async def SegmentStudy(self, req, context, call: Call):
+        """Retrieve (WADO-RS), segment, write the SEG, store it (STOW-RS) when asked. Holds an
+        admission slot for the whole call; the audit line gets the series' shape, never its
+        UIDs."""
+        result = await self.gateway.studies.segment_study(req, self._owner(call))
+        call.describe(volume_convert.info_shape(result.volume))
+        return volume_convert.study_response_to_proto(result, req.return_dicom_seg)
 
     @rpc("DeleteVolume", admitted=False)
     async def DeleteVolume(self, request, context, call: Call):

@@ -13,13 +13,14 @@ import numpy as np
 from service.core import errors
 from service.core.errors import StartupError
 from service.backends.base import Backend
-from service.core.domain import EmbedResult, ImageInput, ModelInfo, SegmentRequest, SegmentResult
+from service.core.domain import EmbedResult, ImageInput, MaskEncoding, ModelInfo, SegmentRequest, SegmentResult
 from service.inference.cache import ImageCache, scope_for, scoped
-from service.inference import model_choice
+from service.inference import model_choice, seg_output, work
 from service.inference.observer import Observer
 from service.backends.repository import SamModel, SegmenterModel, discover
 from service.inference.pipeline import SamPipeline
 from service.inference.segmenter_pipeline import SegmenterPipeline
+from service.inference.studies import StudyService
 from service.inference.volumes import VolumeService
 from service.settings import Settings
 
@@ -52,7 +53,10 @@ class Gateway:
                                           settings.max_prompts, settings.backend_timeout_s)
             for name, model in models.items()
         }
-        self.volumes = VolumeService(self.pipeline, backend, metrics, settings)
+        self.seg_defaults = seg_output.SegDefaults.from_settings(settings)
+        self.volumes = VolumeService(self.pipeline, backend, metrics, settings, seg_defaults=self.seg_defaults)
+        self.pacs = _pacs(settings, metrics)
+        self.studies = StudyService(self.volumes, self.pacs)
         self.ready = False
         self._on_ready_change: list[Callable[[bool], Awaitable[None]]] = []
 
@@ -179,7 +183,24 @@ class Gateway:
     async def segment(self, request: SegmentRequest, scope: str = "") -> SegmentResult:
         """``request`` with the entries and ids of cache ``scope`` (see :meth:`cache_scope`)."""
         with scoped(scope):
-            return await self.pipeline(request.model).segment(request)
+            pipeline = self.pipeline(request.model)
+            if request.encoding is MaskEncoding.DICOM_SEG:
+                return await self._segment_as_seg(pipeline, request)
+            return await pipeline.segment(request)
+
+    async def _segment_as_seg(self, pipeline, request: SegmentRequest) -> SegmentResult:
+        """A 2-D answer as one DICOM SEG (segment i + 1 = prompt i): the source header is read
+        (and a non-DICOM input refused) before any model runs; the masks travel as bits until
+        the SEG is written, and the answer's masks keep only their metadata."""
+        header = await work.run_in_thread(seg_output.source_header, request, self.settings.image_limits)
+        result = await pipeline.segment(replace(request, encoding=MaskEncoding.BITS))
+        written = await work.run_in_thread(
+            seg_output.write_image_seg, header, result.masks, result.height, result.width, result.model,
+            isinstance(pipeline, SegmenterPipeline), request.dicom_seg, self.seg_defaults)
+        masks = tuple(replace(m, mask=None, encoded=b"",
+                              area=m.area if m.area is not None else int(np.count_nonzero(m.mask)))
+                      for m in result.masks)
+        return replace(result, masks=masks, dicom_seg=written.data)
 
     async def embed(self, model: str, image: ImageInput, scope: str = "") -> EmbedResult:
         pipeline = self.pipeline(model)
@@ -188,4 +209,20 @@ class Gateway:
         return EmbedResult(pipeline.info, image_id, entry.frame.height, entry.frame.width, cached)
 
     async def close(self) -> None:
+        if self.pacs is not None:
+            self.pacs.close()
         await self.backend.close()
+
+
+def _pacs(settings: Settings, metrics: Observer):
+    """The DICOMweb client of ``--pacs-url`` (None without one: requests and dicomweb-client
+    are then not even imported)."""
+    if not settings.pacs_url:
+        return None
+    from service.backends.pacs import DicomWebPacs, PacsConfig
+
+    try:
+        config = PacsConfig.from_settings(settings)
+    except ValueError as exc:   # the PACS settings contradict each other or name a missing file
+        raise StartupError(f"PACS settings: {exc}") from None
+    return DicomWebPacs(config, on_request=metrics.pacs_request)

@@ -37,6 +37,10 @@ class Observer(Protocol):
     def volumes_changed(self, volumes: int, stored_bytes: int) -> None:
         """The volume store now holds ``volumes`` volumes of ``stored_bytes`` bytes."""
 
+    def pacs_request(self, operation: str, outcome: str, seconds: float) -> None:
+        """One DICOMweb request to the PACS: ``operation`` search/retrieve/store, ``outcome``
+        ok/unavailable/not_found/refused/too_large/error."""
+
 
 class NullObserver:
     """Reports nothing (tools, benchmarks and tests that run the inference layer alone)."""
@@ -65,4 +69,7 @@ class NullObserver:
         pass
 
     def volumes_changed(self, volumes: int, stored_bytes: int) -> None:
+        pass
+
+    def pacs_request(self, operation: str, outcome: str, seconds: float) -> None:
         pass

@@ -27,6 +27,7 @@ import numpy as np
 
 from service.backends.base import Backend
 from service.core import errors
+from service.core.dicom_seg import SegOptions
 from service.core.domain import Box, MaskEncoding, Window
 from service.core.mask_codec import encode_mask
 from service.core.prompts import check_box
@@ -38,6 +39,7 @@ from service.inference.cache import ImageCache
 from service.inference.observer import Observer
 from service.inference.pipeline import SamPipeline
 from service.inference.predictor import Embedding
+from service.inference.seg_output import SegDefaults, SegWritten, write_segment_seg
 from service.inference.segmenter_pipeline import SegmenterPipeline
 from service.inference.volume_store import InProcessVolumeStore, StoredVolume, VolumeStore
 
@@ -119,8 +121,9 @@ class VolumeSummary:
 @dataclass(frozen=True)
 class SegmentMaskResult:
     summary: VolumeSummary
-    nifti_gz: bytes                 # the 3-D mask on the input's grid and affine (uint8 {0,1})
+    nifti_gz: bytes                 # the 3-D mask on the input's grid and affine (uint8 {0,1}); b"" if not asked
     slices: tuple[SliceMask, ...]   # every non-empty slice (input convention)
+    dicom_seg: SegWritten | None = None   # when asked: the segment as a DICOM SEG of the series
 
 
 @dataclass
@@ -169,7 +172,7 @@ class VolumeService:
     caller's volume_id answers NOT_FOUND)."""
 
     def __init__(self, pipeline: Callable[[str], object], backend: Backend, metrics: Observer, settings,
-                 store: VolumeStore | None = None) -> None:
+                 store: VolumeStore | None = None, seg_defaults: SegDefaults | None = None) -> None:
         """``pipeline(model)``: the gateway's pipeline of a served model (NOT_FOUND for an
         unknown one, UNAVAILABLE while models load)."""
         self._pipeline = pipeline
@@ -182,6 +185,7 @@ class VolumeService:
             settings.volume_ttl_s, on_change=metrics.volumes_changed,
             on_expire=lambda _: metrics.volume_event("expired"))
         self._embeddings = ImageCache(settings.volume_embedding_bytes, settings.volume_ttl_s)
+        self.seg_defaults = seg_defaults or SegDefaults()
 
     # --- volumes --------------------------------------------------------------------------
     def begin_upload(self, owner: str) -> "UploadReservation":
@@ -323,20 +327,32 @@ class VolumeService:
                 yield item
 
     async def mask(self, volume_id: str, segment_id: str, owner: str,
-                   encoding: MaskEncoding = MaskEncoding.COCO_RLE) -> SegmentMaskResult:
+                   encoding: MaskEncoding = MaskEncoding.COCO_RLE, *, nifti: bool = True, slices: bool = True,
+                   dicom_seg: SegOptions | None = None) -> SegmentMaskResult:
+        """The segment's whole mask: as NIfTI (``nifti``), its non-empty slices (``slices``)
+        and, given ``dicom_seg`` options, as a DICOM SEG of the series (a volume that is not a
+        DICOM series is INVALID_ARGUMENT, before anything is built)."""
         stored = self.store.get(volume_id, owner)
         session = self._session(stored, segment_id)
+        if dicom_seg is not None and stored.volume.source_format != "dicom_series":
+            raise errors.InvalidArgument(f"a DICOM SEG needs a DICOM series: this volume was uploaded as "
+                                         f"{stored.volume.source_format}; ask for the NIfTI mask (no dicom_seg)")
+        automatic = isinstance(self._pipeline(session.model), SegmenterPipeline)
         async with session.lock:
-            volume, slices = stored.volume, dict(session.slices)
+            volume, results = stored.volume, dict(session.slices)
             run = _Run()
 
-            def build() -> tuple[bytes, tuple[SliceMask, ...]]:
-                masks = {k: r.mask for k, r in slices.items()}
-                out = tuple(self._slice_mask(volume, k, slices[k], encoding) for k in sorted(slices))
-                return volume.nifti_bytes(masks), out
+            def build() -> tuple[bytes, tuple[SliceMask, ...], SegWritten | None]:
+                masks = {k: r.mask for k, r in results.items()}
+                out = tuple(self._slice_mask(volume, k, results[k], encoding) for k in sorted(results)) if slices else ()
+                seg = None
+                if dicom_seg is not None:
+                    model = self._pipeline(session.model).info
+                    seg = write_segment_seg(volume, masks, model, automatic, dicom_seg, self.seg_defaults)
+                return volume.nifti_bytes(masks) if nifti else b"", out, seg
 
-            nifti, out = await work.run_in_thread(build)
-            return SegmentMaskResult(self._summary(stored, session, 0, run), nifti, out)
+            data, out, seg = await work.run_in_thread(build)
+            return SegmentMaskResult(self._summary(stored, session, 0, run), data, out, seg)
 
     # --- the interaction loop -----------------------------------------------------------
     async def _interact(self, stored: StoredVolume, pipeline: SamPipeline, session: Session,

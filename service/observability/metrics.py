@@ -11,6 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 
 
+PACS_OPERATIONS = ("search", "retrieve", "store")
+PACS_OUTCOMES = ("ok", "unavailable", "not_found", "refused", "too_large", "error")
+
+
 class Metrics:
     def __init__(self, backend: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -36,6 +40,15 @@ class Metrics:
                                      ["event", "model"], registry=r)
         self.volumes_stored = Gauge("medseg_volumes_stored", "Uploaded volumes held", registry=r)
         self.volumes_bytes = Gauge("medseg_volumes_stored_bytes", "Bytes of uploaded volumes held", registry=r)
+        self.pacs_requests = Counter("medseg_pacs_requests", "DICOMweb requests to the PACS, by operation (search, "
+                                     "retrieve, store) and outcome (ok, unavailable, not_found, refused, too_large, "
+                                     "error)", ["operation", "outcome"], registry=r)
+        self.pacs_latency = Histogram("medseg_pacs_request_duration_seconds", "DICOMweb request latency to the PACS",
+                                      ["operation"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                      registry=r)
+        for operation in PACS_OPERATIONS:   # every series exists from the start: alerts see a first increase
+            for outcome in PACS_OUTCOMES:
+                self.pacs_requests.labels(operation, outcome)
         self.backend_ready_gauge = Gauge("medseg_backend_ready", "1 when the backend serves every model", ["backend"],
                                    registry=r)
 
@@ -66,6 +79,10 @@ class Metrics:
     def volumes_changed(self, volumes: int, stored_bytes: int) -> None:
         self.volumes_stored.set(volumes)
         self.volumes_bytes.set(stored_bytes)
+
+    def pacs_request(self, operation: str, outcome: str, seconds: float) -> None:
+        self.pacs_requests.labels(operation, outcome).inc()
+        self.pacs_latency.labels(operation).observe(seconds)
 
     def serve_http(self, host: str, port: int):
         """Start the /metrics HTTP server; returns (server, thread). Port 0 picks a free port."""

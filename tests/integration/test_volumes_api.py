@@ -27,7 +27,7 @@ from medseg_client.__main__ import main as cli
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import volumes_pb2 as vpb
 from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
-from tests.harness import metric_value, wait_for
+from tests.harness import code_of, metric_value, wait_for
 
 # Left amygdala (slices 44..61): largest on slice 56. (The left pallidum, as low in contrast as it is
 # in T1 under the one window of the whole volume, gets Dice ~0.3 from LiteMedSAM here; the same box
@@ -67,14 +67,6 @@ def read_stream(stream):
         times.append(time.monotonic() - start)
     summary = stream.summary
     return slices, summary, times, time.monotonic() - start
-
-
-def code_of(fn) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 @pytest.fixture(scope="module")

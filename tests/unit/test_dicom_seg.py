@@ -18,8 +18,6 @@ import io
 import json
 import logging
 import random
-import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from service.core.errors import InvalidArgument, InvalidImage, PayloadTooLarge
 from service.core.imageio import dicom_header
 from service.core.volume import VolumeSource, load_volume
 from tests.conftest import SHARED_DATA
+from tests.dicom_tools import dciodvfy_errors, dcmdump_ok, frames_by_source
 
 VOLUMES = SHARED_DATA / "volumes"
 CT_SERIES = VOLUMES / "dicom" / "promed_ct_0051"
@@ -46,8 +45,6 @@ CT_INDEX = VOLUMES / "dicom" / "index.json"
 ALGORITHM = Algorithm("LiteMedSAM", "1.0.0")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-TOOLS_SETUP = ("run scripts/bootstrap_dicom_tools.sh (make test and CI run it; it installs Debian's dicom3tools "
-               "and dcmtk with apt-get, as root)")
 # dciodvfy 1.00~20220618 predates the Label Map Segmentation IOD (DICOM 2024): these are
 # its only complaints about a LABELMAP SEG (an unknown IOD; the background segment 0)
 LABELMAP_TOOL_AGE = ("Information Object Not found", "SegmentNumber not monotonically increasing")
@@ -57,37 +54,6 @@ pytestmark = pytest.mark.usefixtures("shared_data")
 
 
 # --------------------------------------------------------------------------- helpers
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: {TOOLS_SETUP}", pytrace=False)
-    return path
-
-
-def dciodvfy_errors(data: bytes, tmp_path: Path, name: str = "seg.dcm") -> list[str]:
-    path = tmp_path / name
-    path.write_bytes(data)
-    run = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
-
-
-def dcmdump_ok(data: bytes, tmp_path: Path, name: str = "seg.dcm") -> None:
-    path = tmp_path / name
-    path.write_bytes(data)
-    run = subprocess.run([tool("dcmdump"), str(path)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-
-
-def frames_by_source(data: bytes) -> tuple[pydicom.Dataset, dict[str, np.ndarray]]:
-    """pydicom's reading of a single-segment SEG: referenced source SOP Instance UID -> frame."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
-    out = {}
-    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-        assert uid not in out
-        out[uid] = pixels[i].astype(bool)
-    return ds, out
 
 
 @pytest.fixture(scope="module")
@@ -473,9 +439,42 @@ def test_no_patient_data_reaches_logs(ct_files, head_masks, everything_logged):
     assert "after the build" in everything_logged.text
 
 
-def test_concurrent_writes_restore_the_loggers_and_warning_filters(headers, head_masks):
-    """The silencing is reference-counted: after overlapping builds on several threads the
-    libraries' loggers have no filter left and the warning filters are as before."""
+def test_silencing_is_per_thread(everything_logged):
+    """While one thread builds a SEG (inside the switch), another thread's highdicom/pydicom
+    records and warnings still get through, and the building thread's do not."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def build() -> None:
+        with dicom_seg._libraries_silenced():
+            logging.getLogger("highdicom.seg.sop").warning("dropped inside the build")
+            warnings.warn("dropped warning inside the build", UserWarning)
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        thread.start()
+        assert inside.wait(30)
+        try:
+            logging.getLogger("highdicom.seg.sop").warning("another thread's record")
+            logging.getLogger("pydicom").warning("another thread's pydicom record")
+            warnings.warn("another thread's warning", UserWarning)
+        finally:
+            release.set()
+            thread.join(30)
+    text = everything_logged.text
+    assert "another thread's record" in text and "another thread's pydicom record" in text
+    assert "another thread's warning" in text
+    assert "dropped" not in text
+    assert not getattr(dicom_seg._quiet, "depth", 0)
+
+
+def test_concurrent_writes_leave_warning_filters_alone(headers, head_masks):
+    """Overlapping builds on several threads all succeed and leave the warning filters as
+    they were (the switch changes no process-wide filter)."""
     import threading
 
     before = list(warnings.filters)
@@ -494,9 +493,6 @@ def test_concurrent_writes_restore_the_loggers_and_warning_filters(headers, head
         thread.join(timeout=120)
     assert not errors and not any(t.is_alive() for t in threads)
     assert warnings.filters == before
-    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("highdicom", "pydicom")]
-    assert names and not [n for n in names if logging.getLogger(n).filters]
-    assert dicom_seg._quiet_depth == 0
 
 
 def test_library_errors_do_not_quote_source_values(ct_files, everything_logged):

@@ -16,11 +16,11 @@ from pycocotools import mask as coco_mask
 
 from medseg_client import masks as client_masks
 from medseg_client import wire
-from service.core.domain import MaskEncoding
+from service.core.domain import PAYLOAD_ENCODINGS, MaskEncoding
 from service.core.mask_codec import encode_mask
 
 rle_counts = client_masks.rle_counts
-ALL_ENCODINGS = list(MaskEncoding)
+ALL_ENCODINGS = list(PAYLOAD_ENCODINGS)   # DICOM_SEG is one object per answer, not a mask payload
 
 
 def decode_mask(data: bytes, height: int, width: int, encoding: MaskEncoding) -> np.ndarray:

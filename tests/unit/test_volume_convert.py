@@ -11,7 +11,7 @@ from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import volumes_pb2 as vpb
 from medseg_client.masks import decode_mask
 from service.core import errors
-from service.core.domain import Box, MaskEncoding, Window
+from service.core.domain import PAYLOAD_ENCODINGS, Box, MaskEncoding, Window
 from service.core.mask_codec import encode_mask
 from service.core.volume import FORMATS
 from service.edge import convert
@@ -207,7 +207,7 @@ SUMMARY = VolumeSummary("v", "s", "medsam_lite", "1", 42, 0.042, 3, 5, 3, ("rang
                         {"embed": 12.5, "total": 20.0}, 2, 1)
 
 
-@pytest.mark.parametrize("encoding", list(MaskEncoding))
+@pytest.mark.parametrize("encoding", PAYLOAD_ENCODINGS)
 def test_stream_items_become_slice_and_summary_messages(encoding):
     mask = np.zeros((5, 7), bool)
     mask[1:3, 2:6] = True
@@ -257,12 +257,53 @@ def test_volume_info_mask_and_delete_responses():
 def test_codecs_cover_every_method_with_tolerant_parsers_and_their_streaming_shape():
     codecs = vc.volume_codecs()
     assert set(codecs) == {"UploadVolume", "SegmentVolume", "RefineSegment", "UndoSegment", "GetSegmentMask",
-                           "DeleteVolume"} == set(vc.method_kinds())
+                           "DeleteVolume", "SegmentStudy"} == set(vc.method_kinds())
     parse, serialize = codecs["SegmentVolume"]
     assert isinstance(parse(b"\xff\xff\xff"), convert.Undecodable)
     assert parse(vpb.SegmentVolumeRequest(volume_id="v").SerializeToString()).volume_id == "v"
     assert vpb.VolumeSegmentResponse.FromString(serialize(vc.stream_item_to_proto(SUMMARY))).summary.volume_id == "v"
     assert vc.method_kinds() == {"UploadVolume": (True, False), "SegmentVolume": (False, True),
                                  "RefineSegment": (False, True), "UndoSegment": (False, True),
-                                 "GetSegmentMask": (False, False), "DeleteVolume": (False, False)}
+                                 "GetSegmentMask": (False, False), "DeleteVolume": (False, False),
+                                 "SegmentStudy": (False, False)}
     assert vc.SERVICE_NAME == "medseg.v1.Volumes"
+
+
+# ----------------------------------------------------------------- DICOM SEG and SegmentStudy
+def test_slice_masks_cannot_be_dicom_seg_and_seg_options_need_dicom_seg():
+    with pytest.raises(errors.InvalidArgument, match="GetSegmentMask with dicom_seg"):
+        vc.segment_request_from_proto(vpb.SegmentVolumeRequest(volume_id="v", encoding=pb.MASK_ENCODING_DICOM_SEG),
+                                      "m")
+    with pytest.raises(errors.InvalidArgument, match="dicom_seg = true"):
+        vc.segment_ref_from_proto(vpb.GetSegmentMaskRequest(volume_id="v", segment_id="s",
+                                                            dicom_seg_options=pb.DicomSegOptions()))
+    ref = vc.segment_ref_from_proto(vpb.GetSegmentMaskRequest(
+        volume_id="v", segment_id="s", dicom_seg=True,
+        dicom_seg_options=pb.DicomSegOptions(segments=[pb.SegmentDescription(label="liver")],
+                                             kind=pb.SEG_KIND_LABELMAP, series_description="x")))
+    assert ref.dicom_seg.kind == "labelmap" and ref.dicom_seg.segments[0].label == "liver"
+    assert vc.segment_ref_from_proto(vpb.GetSegmentMaskRequest(volume_id="v", segment_id="s")).dicom_seg is None
+
+
+@pytest.mark.parametrize("study, series", [("", "1.2"), ("1.2", ""), ("1.2.x", "1.2"), ("1.2", "1..2"),
+                                           ("1." + "2" * 70, "1.2"), (".1.2", "1.2")])
+def test_segment_study_needs_dicom_uids(study, series):
+    with pytest.raises(errors.InvalidArgument) as raised:
+        vc.study_request_from_proto(vpb.SegmentStudyRequest(study_instance_uid=study, series_instance_uid=series), "m")
+    message = str(raised.value)
+    assert "UID" in message and not [v for v in (study, series) if len(v) > 3 and v in message]   # never echoed
+
+
+def test_segment_study_request_and_response():
+    with pytest.raises(errors.InvalidArgument, match="together"):
+        vc.study_request_from_proto(vpb.SegmentStudyRequest(study_instance_uid="1.2", series_instance_uid="1.3",
+                                                            slice_index=3), "m")
+    req = vc.study_request_from_proto(vpb.SegmentStudyRequest(
+        study_instance_uid="1.2", series_instance_uid="1.3", slice_index=3, box=pb.Box(x0=1, y0=2, x1=3, y1=4),
+        range=vpb.SliceRange(first=1, last=5), store=True, keep_volume=True, return_dicom_seg=True,
+        window=pb.Window(center=40, width=400)), "medsam_lite")
+    assert (req.study_uid, req.series_uid, req.model, req.slice_index, req.first_slice, req.last_slice) == \
+        ("1.2", "1.3", "medsam_lite", 3, 1, 5)
+    assert req.store and req.keep_volume and req.return_dicom_seg and req.box == Box(1, 2, 3, 4)
+    assert req.window == Window(40, 400) and req.dicom_seg.kind == "binary"
+    assert vc.request_summary(vpb.SegmentStudyRequest(model="x", box=pb.Box())).model == "x"

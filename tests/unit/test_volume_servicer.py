@@ -125,7 +125,9 @@ class FakeVolumes:
     def undo(self, volume_id, segment_id, owner, encoding=MaskEncoding.COCO_RLE):
         return self.segment((volume_id, segment_id, encoding), owner)
 
-    async def mask(self, volume_id, segment_id, owner, encoding=MaskEncoding.COCO_RLE) -> SegmentMaskResult:
+    async def mask(self, volume_id, segment_id, owner, encoding=MaskEncoding.COCO_RLE, *, nifti=True, slices=True,
+                   dicom_seg=None) -> SegmentMaskResult:
+        self.last_seg_options = dicom_seg
         return SegmentMaskResult(_summary(0), b"\x1f\x8bnii", (_slice(2, encoding),))
 
 
