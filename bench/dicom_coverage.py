@@ -81,9 +81,9 @@ NOTES = {
                                                 "frame's JPEG 2000 SIZ marker (a test of pydicom's parser, not a "
                                                 "decodable image), so the width reads 3722445056; JPEG2000.dcm "
                                                 "without them decodes. Plain pydicom fails too. Correct refusal.",
-    "SC_rgb_rle_32bit.dcm": "32 bits per RGB sample: plain pydicom decodes it (uint32); the gateway's RGB scale "
-                            "(/ (2**BitsStored - 1)) is limited to 1..16 bits. Gap (rare in practice).",
-    "SC_rgb_rle_32bit_2frame.dcm": "as SC_rgb_rle_32bit.dcm, 2 frames. Gap (rare in practice).",
+    "SC_rgb_rle_32bit.dcm": "32 bits per RGB sample (uint32): scaled by 1 / (2**BitsStored - 1) as every RGB "
+                            "depth (refused before 2026-12-01, when the scale stopped at 16 bits).",
+    "SC_rgb_rle_32bit_2frame.dcm": "as SC_rgb_rle_32bit.dcm, 2 frames.",
     "MR_truncated.dcm": "Pixel Data cut short (8130 of 8192 bytes). Correct refusal.",
     "badVR.dcm": "NumberOfFrames is '1A' (not a number). Correct refusal.",
     "meta_missing_tsyntax.dcm": "file meta without a Transfer Syntax UID, and no pixel attributes. Correct refusal.",
@@ -367,9 +367,8 @@ def markdown(result: dict) -> str:
 
 
 REMAINING = [
-    "**Should decode, does not (gaps)**: 32-bit RGB (`SC_rgb_rle_32bit*.dcm`, RLE, BitsAllocated 32): the DICOM "
-    "RGB scale `/ (2**BitsStored - 1)` is limited to 1..16 bits (`_full_scale`); plain pydicom returns uint32. "
-    "Rare in practice (no modality writes 32-bit colour); the fix would allow 32 bits in the RGB scale only.",
+    "**Should decode, does not (gaps)**: none on this corpus (32-bit RGB, `SC_rgb_rle_32bit*.dcm`, decodes since "
+    "the RGB scale takes 1..32 bits).",
     "**Not Part 10**: bare data sets without preamble/'DICM'/file meta (`*NoMeta.dcm`, `no_meta.dcm`, "
     "`rtstruct.dcm`) and a gzipped DICOM file (`zipMR.gz`) are refused as unrecognised: the gateway's contract is "
     "DICOM Part 10 files, which is what PACS and DICOMweb send; plain pydicom refuses them too without "

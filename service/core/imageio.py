@@ -885,8 +885,9 @@ def _decode_dicom(data: bytes, inp: ImageInput, limits: ImageLimits) -> DecodedI
     with _stage("DICOM pixel attributes (rescale, window, VOI LUT) are invalid"):
         if frame.ndim == 3:
             if full_scale is None and inp.window is None:
-                full_scale = _full_scale(attrs.bits_stored)
-            pixels = normalise(frame, inp.window) if inp.window is not None else frame / full_scale
+                full_scale = _full_scale(attrs.bits_stored, max_bits=32)   # colour samples of up to 32 bits
+            pixels = normalise(frame, inp.window) if inp.window is not None else \
+                np.divide(frame, full_scale, dtype=np.float32)   # float32 also for 32-bit samples
         else:
             pixels = _dicom_grey(frame, ds, inp.window)
             if attrs.photometric == "MONOCHROME1":
@@ -912,10 +913,10 @@ def _dicom_grey(frame: np.ndarray, ds: pydicom.Dataset, window: Window | None) -
     return normalise(values, window)
 
 
-def _full_scale(bits: Any) -> np.float32:
-    """``2**bits - 1`` for a DICOM bit depth of 1..16, else InvalidImage."""
-    if not 1 <= int(bits) <= 16:
-        raise InvalidImage(f"DICOM bit depth {int(bits)} is not supported here; expected 1 to 16 bits")
+def _full_scale(bits: Any, max_bits: int = 16) -> np.float32:
+    """``2**bits - 1`` for a DICOM bit depth of 1..``max_bits``, else InvalidImage."""
+    if not 1 <= int(bits) <= max_bits:
+        raise InvalidImage(f"DICOM bit depth {int(bits)} is not supported here; expected 1 to {max_bits} bits")
     return np.float32(2 ** int(bits) - 1)
 
 

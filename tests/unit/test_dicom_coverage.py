@@ -14,6 +14,7 @@ CASES = [
     ("MR_small_bigendian.dcm", "Explicit VR Big Endian", "decoded", None),
     ("image_dfl.dcm", "Deflated Explicit VR Little Endian", "decoded", None),
     ("SC_rgb_rle_2frame.dcm", "RLE Lossless", "decoded", None),  # multi-frame: middle frame and frame 0
+    ("SC_rgb_rle_32bit.dcm", "RLE Lossless", "decoded", None),   # 32 bits per RGB sample
     ("SC_rgb_jpeg_dcmtk.dcm", "JPEG Baseline (Process 1)", "decoded", None),
     ("SC_rgb_jpeg_gdcm.dcm", "JPEG Lossless, Non-Hierarchical, First-Order Prediction", "decoded", None),
     ("MR_small_jpeg_ls_lossless.dcm", "JPEG-LS Lossless Image Compression", "decoded", None),
