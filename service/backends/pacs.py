@@ -324,7 +324,8 @@ class DicomWebPacs:
         self._qido.set_http_retry_params(retry=False)  # the gateway's client decides about retries
 
     # ------------------------------------------------------------------ public API
-    def retrieve_series(self, study_uid: str, series_uid: str, *, max_bytes: int, max_files: int) -> list[bytes]:
+    def retrieve_series(self, study_uid: str, series_uid: str, *, max_bytes: int, max_files: int,
+                        check: Callable[[], None] | None = None) -> list[bytes]:
         """Every instance of the series, each as the DICOM Part 10 bytes the PACS sent (with
         file meta), in the order received.
 
@@ -332,14 +333,16 @@ class DicomWebPacs:
         instances (:class:`~service.core.errors.PayloadTooLarge`) or more than ``max_bytes``
         voxel bytes (:class:`~service.core.errors.VolumeTooLarge`); stopped during it when more
         than ``max_bytes`` bytes or ``max_files`` instances arrive. No such series:
-        :class:`~service.core.errors.SeriesNotFound`."""
+        :class:`~service.core.errors.SeriesNotFound`. ``check()`` is called before each chunk
+        is read: the caller's way to stop a transfer its client no longer waits for (it raises,
+        e.g. the call's DeadlineExceeded); each read is bounded by ``timeout_s`` on its own."""
         check_uid(study_uid, "the study UID")
         check_uid(series_uid, "the series UID")
         where = f"series {uid_ref(series_uid)} of study {uid_ref(study_uid)}"
         with self._boundary(SEARCH, where):
             self._check_search(study_uid, series_uid, where, max_bytes, max_files)
         with self._boundary(RETRIEVE, where):
-            return self._stream_series(study_uid, series_uid, where, max_bytes, max_files)
+            return self._stream_series(study_uid, series_uid, where, max_bytes, max_files, check)
 
     def store(self, instance: bytes) -> None:
         """STOW-RS of one DICOM Part 10 instance, into its study (``/studies/{uid}``; into
@@ -407,7 +410,7 @@ class DicomWebPacs:
                                         f"limit is {max_bytes} bytes per volume")
 
     def _stream_series(self, study_uid: str, series_uid: str, where: str, max_bytes: int,
-                       max_files: int) -> list[bytes]:
+                       max_files: int, check: Callable[[], None] | None = None) -> list[bytes]:
         url = f"{self._root}/studies/{study_uid}/series/{series_uid}"
         headers = {"Accept": _WADO_ACCEPT, "Accept-Encoding": "identity"}  # counted bytes = bytes sent
         with self._session.get(url, headers=headers, stream=True, timeout=self._timeout) as response:
@@ -421,6 +424,8 @@ class DicomWebPacs:
             instances: list[bytes] = []
             received = 0
             for chunk in response.iter_content(CHUNK_BYTES):
+                if check is not None:
+                    check()
                 received += len(chunk)
                 if received > max_bytes:
                     raise errors.VolumeTooLarge(f"the series is over {max_bytes} bytes (the limit per volume); the "

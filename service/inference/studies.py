@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pydicom
 
@@ -31,7 +31,8 @@ from service.inference.volumes import SegmentVolumeRequest, VolumeInfo, VolumeSe
 class Pacs(Protocol):
     """What SegmentStudy needs of a PACS (blocking; run in a worker thread)."""
 
-    def retrieve_series(self, study_uid: str, series_uid: str, *, max_bytes: int, max_files: int) -> list[bytes]: ...
+    def retrieve_series(self, study_uid: str, series_uid: str, *, max_bytes: int, max_files: int,
+                        check: Callable[[], None] | None = None) -> list[bytes]: ...
 
     def store(self, instance: bytes) -> None: ...
 
@@ -87,9 +88,13 @@ class StudyService:
             timings[name] = (now - clock) * 1e3
             clock = now
 
+        call = work.current()
+        # a call that expires or whose client goes away stops the transfer at its next chunk
+        check = None if call is None else (lambda: call.check("retrieving the series from the PACS"))
         with volumes.begin_upload(owner) as reservation:
             files = await work.run_in_thread(self._pacs.retrieve_series, request.study_uid, request.series_uid,
-                                             max_bytes=limits.max_volume_bytes, max_files=limits.max_files)
+                                             max_bytes=limits.max_volume_bytes, max_files=limits.max_files,
+                                             check=check)
             lap("retrieve")
             reservation.grow(sum(len(f) for f in files))
             await work.run_in_thread(_check_series, files, request.study_uid, request.series_uid)

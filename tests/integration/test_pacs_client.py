@@ -139,6 +139,21 @@ def test_retrieve_series_returns_every_instance_as_part10(orthanc, ct, received)
     assert sum(received) >= sum(map(len, instances))
 
 
+def test_the_callers_check_stops_the_transfer_between_chunks(orthanc, ct, received):
+    """``check`` (the gateway passes its call's deadline/cancel check) runs before each chunk:
+    when it raises, the transfer stops there with its error, long before the whole series."""
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 3:
+            raise errors.DeadlineExceeded("the call's deadline passed before retrieving the series from the PACS")
+
+    with client(orthanc) as pacs, pytest.raises(errors.DeadlineExceeded):
+        pacs.retrieve_series(ct.study, ct.series, max_bytes=BIG, max_files=1000, check=check)
+    assert len(calls) == 4 and len(received) <= 4   # 3 chunks of 128 KiB of a ~14 MB series
+
+
 def test_retrieve_unknown_series_is_not_found(orthanc, ct):
     recorder = Recorder()
     with client(orthanc, recorder) as pacs:
