@@ -47,6 +47,7 @@ from service.inference import propagation as prop  # noqa: E402
 from service.inference.predictor import SamPredictor  # noqa: E402
 from service.inference.volume_predictor import Segment, VolumePredictor  # noqa: E402
 from training.volume_metrics import curve_auc, dice, nsd  # noqa: E402
+from training.volume_pseudo_labels import reference_slices  # noqa: E402
 
 COMPACT = ("brain", "cerebellum", "thalamus", "putamen", "caudate", "pallidum", "hippocampus", "amygdala", "head")
 CT_WINDOW = Window(40.0, 400.0)   # the DICOM series' own window; sent with its NIfTI too
@@ -65,15 +66,6 @@ def load_nifti(path: Path, window: Window | None = None) -> Volume:
 def load_series(folder: Path) -> Volume:
     files = tuple(p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.suffix == ".dcm")
     return load_volume(VolumeSource("dicom_series", files=files))
-
-
-def reference_slices(mask: Volume, like: Volume) -> np.ndarray:
-    """bool (Z, H, W) in ``like``'s model orientation: a reference mask stored on the NIfTI
-    grid (the DICOM series shows the model the same pixels; tests/unit/test_volume.py)."""
-    ref = np.stack([mask.mask_to_model(mask.voxels[k] > 0) for k in range(mask.depth)])
-    if ref.shape != (like.depth, *like.slice_shape):
-        raise ValueError(f"reference {ref.shape} does not fit the volume {(like.depth, *like.slice_shape)}")
-    return ref
 
 
 class Visits:

@@ -11,6 +11,7 @@ Examples (defaults read ``../shared/data``)::
     python -m training evaluate --checkpoint runs/brain/box/checkpoint.pt
     python -m training export --checkpoint runs/brain/box/checkpoint.pt --name unet_brain
     python -m training experiment --structures brain,caudate --iterations 300
+    python -m training volume-pseudo-labels --volume IMAGE.nii.gz --reference MASK.nii.gz --out runs/vol
 """
 
 from __future__ import annotations
@@ -189,6 +190,34 @@ def cmd_seed_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_volume_pseudo_labels(args: argparse.Namespace) -> int:
+    from service.core.domain import Window
+    from service.core.volume import VolumeSource, load_volume
+    from service.inference.predictor import SamPredictor
+    from training import volume_pseudo_labels as vpl
+    from training.volume_metrics import dice
+
+    window = Window(*(float(v) for v in args.window.split(","))) if args.window else None
+    volume = load_volume(VolumeSource("nifti", data=args.volume.read_bytes(), window=window))
+    reference = load_volume(VolumeSource("nifti", data=args.reference.read_bytes()))
+    name = args.name or args.reference.name.split(".")[0]
+    bounds = tuple(int(v) for v in args.bounds.split(",")) if args.bounds else None
+    predictor = SamPredictor.from_repository(args.repository, args.model, threads=args.threads)
+    rules = vpl.UncertainRules(min_iou=args.min_iou, edge_px=args.edge_px)
+    pl = vpl.volume_pseudo_label(predictor, volume, reference, key_slices=args.key_slices, jitter=args.jitter,
+                                 seed=args.seed, bounds=bounds, rules=rules, name=name)
+    vpl.save(pl, args.out)
+    flags, report = vpl.write_qc(pl, volume, args.out / "qc")
+    ref = vpl.reference_slices(reference, volume)
+    ref = volume.mask_array({k: ref[k] for k in range(len(ref)) if ref[k].any()}) > 0   # the label's grid
+    certain = ~pl.uncertain
+    print(f"{name}: key slices {list(pl.key_slices)}, 3-D Dice vs reference {dice(pl.label > 0, ref):.3f} "
+          f"(certain voxels only {dice(pl.label[certain] > 0, ref[certain]):.3f}), "
+          f"{pl.uncertain.mean():.4f} of voxels uncertain, {pl.seconds:.1f} s; {len(flags)} QC flags, "
+          f"report {report}; files in {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,6 +301,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=Path("docs/TRAINING.md"))
     p.add_argument("--doc-section", default="seeds")
     p.set_defaults(func=cmd_seed_table)
+
+    p = sub.add_parser("volume-pseudo-labels",
+                       help="one box (or N key slices) per structure, propagated -> 3-D label + uncertain mask + QC")
+    p.add_argument("--volume", type=Path, required=True, help="image NIfTI")
+    p.add_argument("--reference", type=Path, required=True,
+                   help="reference mask NIfTI (the boxes are simulated from it)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--key-slices", type=int, choices=(1, 2, 3, 5), default=1)
+    p.add_argument("--jitter", type=float, default=None, help="noisy-box jitter, fraction of each box side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bounds", default=None, help="FIRST,LAST slice range to propagate over (default: all)")
+    p.add_argument("--window", default=None, help="CENTER,WIDTH intensity window (CT); default per-slice percentiles")
+    p.add_argument("--min-iou", type=float, default=0.5, help="slices with a predicted IoU below this are uncertain")
+    p.add_argument("--edge-px", type=int, default=2, help="uncertain band around the mask edge, pixels")
+    p.add_argument("--name", default=None, help="file stem (default: the reference's)")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model", default="medsam_lite")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_volume_pseudo_labels)
     return top
 
 

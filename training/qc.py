@@ -21,8 +21,9 @@ in green, scribbles in yellow/blue).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -177,4 +178,76 @@ def write_report(results: list[CaseQC], folder: Path, pictures: dict[str, np.nda
                 folder / f"{case_id}.png")
     path = folder / "qc.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- volume propagation drift
+@dataclass(frozen=True)
+class DriftThresholds:
+    """Propagation drift checks of a volume pseudo-label (:func:`check_propagation`)."""
+
+    max_area_ratio: float = 2.0    # neighbouring slices' mask areas differ by more than this factor
+    min_iou: float = 0.5           # a slice's predicted IoU below this
+    extent_margin: int = 0         # slices the mask may run past the reference's slice extent
+
+
+def check_propagation(case_id: str, records: Sequence, depth: int, extent: tuple[int, int] | None = None,
+                      t: DriftThresholds = DriftThresholds()) -> list[Flag]:
+    """Drift flags of one structure's propagated masks. ``records``: per-slice objects with
+    ``slice_index``, ``iou`` and ``area`` (:class:`training.volume_pseudo_labels.SliceRecord`);
+    ``depth``: the volume's slice count; ``extent``: the reference structure's (first, last)
+    slice when known. ``Flag.index`` is the slice index.
+
+    * ``area_jump``: two neighbouring slices (indices k, k+1, both with a mask) whose areas
+      differ by more than ``max_area_ratio`` (value: the ratio; index: the smaller-area slice
+      of the two);
+    * ``iou_collapse``: predicted IoU below ``min_iou``;
+    * ``beyond_extent``: the mask reaches more than ``extent_margin`` slices past ``extent``
+      (one flag per side; value: how many slices; index: the outermost slice);
+    * ``runs_to_volume_end``: a mask on the first or last slice of the volume.
+    """
+    by_slice = {int(r.slice_index): r for r in records if int(r.area) > 0}
+    flags = []
+    for k in sorted(by_slice):
+        r = by_slice[k]
+        if float(r.iou) < t.min_iou:
+            flags.append(Flag(case_id, "iou_collapse", k, float(r.iou), t.min_iou))
+        nxt = by_slice.get(k + 1)
+        if nxt is not None:
+            small, big = sorted((int(r.area), int(nxt.area)))
+            ratio = big / small
+            if ratio > t.max_area_ratio:
+                at = k if int(r.area) == small else k + 1
+                flags.append(Flag(case_id, "area_jump", at, ratio, t.max_area_ratio,
+                                  f"slices {k}-{k + 1}: {int(r.area)} -> {int(nxt.area)} px"))
+    if by_slice and extent is not None:
+        first, last = min(by_slice), max(by_slice)
+        if first < extent[0] - t.extent_margin:
+            flags.append(Flag(case_id, "beyond_extent", first, float(extent[0] - first), float(t.extent_margin),
+                              f"mask from slice {first}, reference from {extent[0]}"))
+        if last > extent[1] + t.extent_margin:
+            flags.append(Flag(case_id, "beyond_extent", last, float(last - extent[1]), float(t.extent_margin),
+                              f"mask up to slice {last}, reference up to {extent[1]}"))
+    for end in sorted({0, depth - 1}):
+        if end in by_slice:
+            flags.append(Flag(case_id, "runs_to_volume_end", end, 1.0, 0.0, f"mask on slice {end} of {depth}"))
+    return flags
+
+
+def write_volume_report(case_id: str, flags: list[Flag], folder: Path, pictures: dict[int, np.ndarray],
+                        key_slices: Sequence[int] = (), t: DriftThresholds = DriftThresholds()) -> Path:
+    """:func:`write_report` of one structure's drift ``flags``, one "case" per flagged slice
+    (``CASE_zKKK``), and ``pictures`` (slice index -> :func:`overlay` RGB) as ``CASE_zKKK.png``;
+    the key slices' pictures are listed below the table. Returns qc.md."""
+    def cid(k: int) -> str:
+        return f"{case_id}_z{int(k):03d}"
+
+    slices = sorted({f.index for f in flags})
+    results = [CaseQC(cid(k), [replace(f, case_id=cid(k)) for f in flags if f.index == k]) for k in slices]
+    path = write_report(results, folder, {cid(k): rgb for k, rgb in pictures.items()}, t)  # type: ignore[arg-type]
+    keys = [k for k in key_slices if k in pictures]
+    if keys:
+        with path.open("a") as out:
+            out.write("\nKey slices (box red, pseudo-label green): "
+                      + ", ".join(f"[{k}]({cid(k)}.png)" for k in keys) + "\n")
     return path
