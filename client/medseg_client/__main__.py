@@ -479,12 +479,17 @@ def _check_segment_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--point {x:g} {y:g} {label:g}: LABEL must be 1 (foreground) or 0 (background)")
 
 
-def _check_volume_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_slice_box_range(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--slice/--box together (or neither, for a prompt-free model), and a well-ordered --range."""
     if (args.box is None) != (args.slice is None):
         parser.error("--slice and --box go together (the box is drawn on slice K); give neither only for a "
                      "prompt-free model")
     if args.range is not None and not 0 <= args.range[0] <= args.range[1]:
         parser.error("--range K0 K1 needs 0 <= K0 <= K1")
+
+
+def _check_volume_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_slice_box_range(parser, args)
     try:
         kind = volume_kind(args.image)
     except ValueError as exc:
@@ -502,11 +507,7 @@ def _check_volume_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _check_study_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if (args.box is None) != (args.slice is None):
-        parser.error("--slice and --box go together (the box is drawn on slice K); give neither only for a "
-                     "prompt-free model")
-    if args.range is not None and not 0 <= args.range[0] <= args.range[1]:
-        parser.error("--range K0 K1 needs 0 <= K0 <= K1")
+    _check_slice_box_range(parser, args)
     for flag, uid in (("--study", args.study), ("--series", args.series)):
         if not uid.strip():
             parser.error(f"{flag} needs a UID")
