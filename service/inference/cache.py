@@ -135,6 +135,16 @@ class ImageCache:
         self._changed()
         return item
 
+    def drop_where(self, predicate: Callable[[Key], bool]) -> int:
+        """Drop every entry whose key ``predicate`` accepts (e.g. a deleted volume's slices);
+        returns how many."""
+        keys = [key for key in self._items if predicate(key)]
+        for key in keys:
+            self._drop(key)
+        if keys:
+            self._changed()
+        return len(keys)
+
     def _drop(self, key: Key) -> None:
         self._bytes -= self._items.pop(key).nbytes
 

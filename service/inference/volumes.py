@@ -183,7 +183,7 @@ class VolumeService:
         self.store = store or InProcessVolumeStore(
             settings.max_volume_bytes, settings.max_volumes_bytes, settings.max_caller_volumes_bytes,
             settings.volume_ttl_s, on_change=metrics.volumes_changed,
-            on_expire=lambda _: metrics.volume_event("expired"))
+            on_expire=self._expired)
         self._embeddings = ImageCache(settings.volume_embedding_bytes, settings.volume_ttl_s)
         self.seg_defaults = seg_defaults or SegDefaults()
 
@@ -217,7 +217,20 @@ class VolumeService:
         return self._info(self.store.get(volume_id, owner))
 
     def delete(self, volume_id: str, owner: str) -> bool:
-        return self.store.delete(volume_id, owner)
+        deleted = self.store.delete(volume_id, owner)
+        if deleted:
+            self._forget_embeddings(volume_id)
+        return deleted
+
+    def _expired(self, stored: StoredVolume) -> None:
+        self._metrics.volume_event("expired")
+        self._forget_embeddings(stored.volume_id)
+
+    def _forget_embeddings(self, volume_id: str) -> None:
+        """A deleted or expired volume's slice embeddings go with it (they can never be reused:
+        a new upload gets a new id), rather than holding the LRU until evicted."""
+        prefix = f"{volume_id}:"
+        self._embeddings.drop_where(lambda key: key[-1].startswith(prefix))
 
     def _info(self, stored: StoredVolume) -> VolumeInfo:
         v = stored.volume

@@ -57,3 +57,40 @@ def test_model_version_is_part_of_the_key_and_replacing_a_key_does_not_leak_byte
     assert cache.get(("m", "2", "a")) is None
     cache.put(("m", "1", "a"), _emb(80), FRAME)
     assert cache.bytes == 80 and len(cache) == 1
+
+
+def test_drop_where_removes_the_matching_entries_and_their_bytes():
+    changes = []
+    cache = ImageCache(max_bytes=10_000, ttl_s=5, on_change=lambda c: changes.append(c.bytes))
+    for k in range(3):
+        cache.put(("o", "m", "1", f"vol-a:{k}"), _emb(40), FRAME)
+    cache.put(("o", "m", "1", "vol-b:0"), _emb(80), FRAME)
+    assert cache.drop_where(lambda key: key[-1].startswith("vol-a:")) == 3
+    assert len(cache) == 1 and cache.bytes == 80 and changes[-1] == 80
+    assert cache.get(("o", "m", "1", "vol-b:0")) is not None
+    assert cache.drop_where(lambda key: False) == 0 and cache.bytes == 80
+
+
+def test_a_deleted_or_expired_volume_takes_its_slice_embeddings_with_it():
+    """VolumeService forgets a volume's slice embeddings when the volume is deleted or expires
+    (SegmentStudy deletes its volume after every call: dead embeddings would fill the LRU)."""
+    from types import SimpleNamespace
+
+    from service.core.volume import VolumeSource, load_volume
+    from service.inference.observer import NullObserver
+    from service.inference.volumes import VolumeService
+    from service.settings import Settings
+
+    settings = Settings()
+    service = VolumeService(lambda model: None, SimpleNamespace(), NullObserver(), settings)
+    raw = np.arange(2 * 8 * 8, dtype=np.int16).reshape(2, 8, 8)
+    volume = load_volume(VolumeSource("raw", data=raw.tobytes(), dtype="int16", shape=(2, 8, 8),
+                                      spacing_mm=(1.0, 1.0, 1.0)))
+    kept, gone = service.store.put(volume, "me"), service.store.put(volume, "me")
+    for stored in (kept, gone):
+        for k in range(2):
+            service._embeddings.put(("me", "m", "1", f"{stored.volume_id}:{k}"), _emb(40), FRAME)
+    assert service.delete(gone.volume_id, "me") and len(service._embeddings) == 2
+    assert not service.delete(gone.volume_id, "me")
+    service._expired(kept)
+    assert len(service._embeddings) == 0 and service._embeddings.bytes == 0
