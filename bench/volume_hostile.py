@@ -3,8 +3,11 @@
 A gateway (``--default-model medsam_lite``) gets a colin27 upload and one whole SegmentVolume
 (the warm baseline), then rounds of: an upload cut mid-file, an upload of two series, an
 over-size declared upload, a box outside the slice, an unknown volume_id, and a SegmentVolume
-cancelled after its first slice. After each round a one-slice
-SegmentVolume must still answer; RSS is read after every round. Writes the table into
+cancelled after its first slice; and, with a real Orthanc PACS behind the gateway
+(bench/orthanc.py), SegmentStudy of an unknown series, with a UID that is not one, with the
+SEG refused by the PACS (a Lua filter), abandoned by its client mid-way (a 0.3 s deadline), and
+a successful one (its volume forgotten afterwards), plus a DICOM SEG asked of a NIfTI volume.
+After each round a one-slice SegmentVolume must still answer; RSS is read after every round. Writes the table into
 docs/RELIABILITY.md between ``<!-- volume-hostile:begin -->`` and ``<!-- volume-hostile:end -->``.
 
     .venv/bin/python bench/volume_hostile.py [--rounds N]
@@ -28,6 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.harness import GatewayProcess, ensure_models, proc_status  # noqa: E402
 from bench.measure import machine  # noqa: E402
+from bench.orthanc import OrthancProcess  # noqa: E402
+from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 from export.dev_cases import SHARED_DATA  # noqa: E402
 from medseg_client import SegmentationClient  # noqa: E402
 from medseg_client._generated import volumes_pb2 as vpb  # noqa: E402
@@ -62,8 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     sl = np.flipud(ref[:, :, k].T)
     rows, cols = np.flatnonzero(sl.any(axis=1)), np.flatnonzero(sl.any(axis=0))
     box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    refused = "REFUSED BY THE BENCH PACS"
     with tempfile.TemporaryDirectory() as tmp:
-        gateway = GatewayProcess(Path(tmp), "--default-model", "medsam_lite").start()
+        lua = Path(tmp) / "filter.lua"
+        lua.write_text(f"function ReceivedInstanceFilter(dicom, origin, info)\n"
+                       f"  return dicom.SeriesDescription ~= '{refused}'\nend\n")
+        pacs = OrthancProcess(Path(tmp), LuaScripts=[str(lua)]).start()
+        pacs.stow(series)
+        import pydicom
+        first = pydicom.dcmread(series[0], stop_before_pixels=True)
+        study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+        gateway = GatewayProcess(Path(tmp), "--default-model", "medsam_lite", "--pacs-url", pacs.url,
+                                 "--pacs-username", pacs.username, "--pacs-password-file",
+                                 str(pacs.password_file)).start()
         try:
             gateway.wait_serving()
             pid = gateway.proc.pid
@@ -71,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             stub = vpb_grpc.VolumesStub(client._channel)
             info = client.upload_volume(image)
             list(client.segment_volume(info.volume_id, slice_index=k, box=box))  # warm: every slice embedded once
-            baseline = proc_status(pid)["VmRSS"]
             rows_out = []
 
             def cut():
@@ -110,12 +125,48 @@ def main(argv: list[str] | None = None) -> int:
                 stream.cancel()
                 list(stream)
 
+            def study(deadline: float = 120.0, **fields):
+                base = dict(study_instance_uid=study_uid, series_instance_uid=series_uid, slice_index=54,
+                            box=pb.Box(x0=60, y0=60, x1=200, y1=200), range=vpb.SliceRange(first=54, last=54))
+                base.update(fields)
+                stub.SegmentStudy(vpb.SegmentStudyRequest(**base), timeout=deadline)
+
+            def study_ok():
+                study(store=True)
+
+            def study_unknown():
+                study(series_instance_uid="1.2.826.0.1.3680043.8.498.999")
+
+            def study_bad_uid():
+                study(study_instance_uid="not-a-uid")
+
+            def study_refused():
+                study(store=True, dicom_seg_options=pb.DicomSegOptions(series_description=refused))
+
+            def study_abandoned():
+                study(deadline=0.3, range=vpb.SliceRange(first=40, last=70))
+
+            def seg_of_nifti():
+                stream = client.segment_volume(info.volume_id, slice_index=k, box=box, range=(k, k))
+                list(stream)
+                stub.GetSegmentMask(vpb.GetSegmentMaskRequest(volume_id=info.volume_id,
+                                                              segment_id=stream.summary.segment_id, dicom_seg=True),
+                                    timeout=60)
+
             def alive():
                 list(client.segment_volume(info.volume_id, slice_index=k, box=box, range=(k, k)))
 
             cases = [("upload cut mid-file", cut), ("upload of two series", two_series),
                      ("declared upload over --max-volume-bytes", oversize), ("box outside the slice", outside),
-                     ("unknown volume_id", unknown), ("SegmentVolume cancelled after its first slice", cancelled)]
+                     ("unknown volume_id", unknown), ("SegmentVolume cancelled after its first slice", cancelled),
+                     ("SegmentStudy, stored (its volume forgotten after)", study_ok),
+                     ("SegmentStudy of an unknown series", study_unknown),
+                     ("SegmentStudy with a study UID that is not one", study_bad_uid),
+                     ("SegmentStudy whose SEG the PACS refuses", study_refused),
+                     ("SegmentStudy abandoned by its client (0.3 s deadline)", study_abandoned),
+                     ("GetSegmentMask(dicom_seg) of a NIfTI volume", seg_of_nifti)]
+            study_ok()   # warm: the PACS, SEG and STOW paths once
+            baseline = proc_status(pid)["VmRSS"]
             codes: dict[str, set[str]] = {name: set() for name, _ in cases}
             rss = []
             for _ in range(args.rounds):
@@ -129,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
         finally:
             gateway.stop()
+            pacs.stop()
     after = [r for r, _ in rss]
     lines = [BEGIN, "", "## Volumes: bad and abandoned calls", "",
              f"Measured {dt.datetime.now().isoformat(timespec='minutes')} on {machine()}; command: "
              f"`python bench/volume_hostile.py --rounds {args.rounds}`. A real gateway, a colin27 volume uploaded "
-             "and segmented once (warm: every slice embedded), then each call below once per round; after each "
-             "round a one-slice SegmentVolume must answer.", "",
+             "and segmented once (warm: every slice embedded) and one SegmentStudy through a real Orthanc, then each "
+             "call below once per round; after each round a one-slice SegmentVolume must answer.", "",
              "| call | status |", "|---|---|", *rows_out, "",
              f"Warm baseline RSS {mib(baseline)}; after each of the {args.rounds} rounds: "
              + ", ".join(f"{mib(r)} ({(r - baseline) / 2**20:+.0f} MiB)" for r in after)

@@ -130,6 +130,9 @@ class StudyService:
         finally:
             if not kept:
                 volumes.delete(info.volume_id, owner)
+            # the retrieved files, the SEG's buffers and (unless kept) the volume are freed by now:
+            # give their heap pages back, as an upload does (work.release_free_heap)
+            await work.run_in_thread(work.release_free_heap)
         timings["total"] = (time.perf_counter() - start) * 1e3
         volume = info if kept else _forgotten(info)
         return StudyResult(volume, summary, seg, stored, count, timings)
