@@ -22,9 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from export.onnx_io import export_onnx
+from export.prompt_decoder import DYNAMIC_AXES, PromptDecoderForExport, decoder_entry, example_inputs
 from export.options import ExportOptions
 from export.timm_shim import install as _install_timm_shim
-from export.triton_config import write_config
+from export.memory_probe import write_measured_config
 from service.backends.repository import GatewayParameters, RepositoryEntry, Role, TensorSpec
 from service.core.domain import PromptKind
 
@@ -81,60 +82,15 @@ class EncoderForExport(nn.Module):
         return self.image_encoder(image)
 
 
-class DecoderForExport(nn.Module):
-    """Prompt encoder + mask decoder taking exactly the served tensors (single-mask output)."""
+class DecoderForExport(PromptDecoderForExport):
+    """LiteMedSAM's prompt decoder as served (single-mask output, 256-pixel frame)."""
 
     def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.prompt_encoder = net.prompt_encoder
-        self.mask_decoder = net.mask_decoder
-        self.register_buffer("image_pe", net.prompt_encoder.get_dense_pe().detach(), persistent=False)
-
-    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pe = self.prompt_encoder
-        coords = (coords + 0.5) / IMAGE_SIZE
-        embedding = pe.pe_layer._pe_encoding(coords)  # (P, N, C)
-        labels = labels.unsqueeze(-1)
-        embedding = embedding * (labels != -1)
-        embedding = embedding + pe.not_a_point_embed.weight * (labels == -1)
-        for i in range(pe.num_point_embeddings):
-            embedding = embedding + pe.point_embeddings[i].weight * (labels == i)
-        return embedding
-
-    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
-        pe, md = self.prompt_encoder, self.mask_decoder
-        sparse = self._embed_points(point_coords, point_labels)
-        has_mask = has_mask_input.reshape(-1, 1, 1, 1)
-        dense = has_mask * pe.mask_downscaling(mask_input) + (1 - has_mask) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-
-        prompts = sparse.shape[0]
-        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse), dim=1)
-        src = image_embeddings.expand(prompts, -1, -1, -1) + dense
-        pos_src = self.image_pe.expand(prompts, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = md.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_token_out = hs[:, 1, :]  # single-mask output: mask token 0
-        upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = md.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(1)  # (P, 1, C')
-        b, c, h, w = upscaled.shape
-        masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
-        iou = md.iou_prediction_head(iou_token_out)[:, 0:1]
-        return masks, iou
+        super().__init__(net, IMAGE_SIZE, outputs=1)
 
 
 def example_decoder_inputs(prompts: int = 2, points: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    coords = torch.rand(prompts, points, 2, generator=g) * IMAGE_SIZE
-    labels = torch.tensor([[1.0] + [2.0, 3.0] + [-1.0] * (points - 3)] * prompts)[:, :points]
-    return {
-        "image_embeddings": torch.randn(1, *EMBED_SHAPE, generator=g),
-        "point_coords": coords,
-        "point_labels": labels,
-        "mask_input": torch.randn(prompts, 1, LOW_RES, LOW_RES, generator=g),
-        "has_mask_input": torch.tensor([[1.0]] + [[0.0]] * (prompts - 1)),
-    }
+    return example_inputs(IMAGE_SIZE, EMBED_SHAPE, LOW_RES, prompts, points)
 
 
 def reference_logits(net: nn.Module, image: torch.Tensor, model_box: torch.Tensor) -> torch.Tensor:
@@ -168,18 +124,7 @@ def medsam_lite_entries() -> tuple[RepositoryEntry, RepositoryEntry]:
                          "0.1.1; trained with box prompts: every prompt needs a box, a previous mask may refine it"),
             weights_sha256=weights),
     )
-    decoder = RepositoryEntry(
-        name=f"{MODEL}_decoder",
-        inputs=(
-            TensorSpec("image_embeddings", (1, *EMBED_SHAPE)),
-            TensorSpec("point_coords", (-1, -1, 2)),
-            TensorSpec("point_labels", (-1, -1)),
-            TensorSpec("mask_input", (-1, 1, LOW_RES, LOW_RES)),
-            TensorSpec("has_mask_input", (-1, 1)),
-        ),
-        outputs=(TensorSpec("low_res_masks", (-1, 1, LOW_RES, LOW_RES)), TensorSpec("iou_predictions", (-1, 1))),
-        gateway=GatewayParameters(model=MODEL, role=Role.PROMPT_DECODER, version=version),
-    )
+    decoder = decoder_entry(MODEL, version, 1, EMBED_SHAPE, LOW_RES)
     return encoder, decoder
 
 
@@ -196,12 +141,9 @@ def export_medsam_lite(opts: ExportOptions) -> list[Path]:
         written.append(enc_path)
     dec_path = opts.repository / decoder_entry.name / str(opts.version) / decoder_entry.runtime.onnx_filename
     if opts.force or not dec_path.exists():
-        inputs = example_decoder_inputs()
-        dynamic = {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
-                   "mask_input": {0: "prompts"}, "has_mask_input": {0: "prompts"},
-                   "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
-        export_onnx(DecoderForExport(net), inputs, ["low_res_masks", "iou_predictions"], dynamic, dec_path)
+        export_onnx(DecoderForExport(net), example_decoder_inputs(), ["low_res_masks", "iou_predictions"],
+                    DYNAMIC_AXES, dec_path)
         written.append(dec_path)
     for entry in (encoder_entry, decoder_entry):
-        written.append(write_config(opts.repository, entry, opts.target, version=opts.version))
+        written.append(write_measured_config(opts.repository, entry, opts.target, opts.version))
     return written

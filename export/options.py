@@ -15,3 +15,9 @@ class ExportOptions:
     force: bool = False
     guard_cases: int | None = None  # dev cases for a variant's Dice guard (None: all)
     data_dir: Path | None = None  # dev cases of the checks (None: ../shared/data/dev; none there: shipped images)
+    check_cases: int | None = 8  # images of the PyTorch parity check (None: all; 0: skip)
+    # ``python -m export sam``: a site's checkpoint, its architecture, the served name, the preprocessing
+    checkpoint: Path | None = None
+    sam_variant: str = "vit_b"
+    name: str = ""
+    preprocessing: str = ""

@@ -11,6 +11,7 @@ from typing import Callable
 from export import encoder_variants, tensorrt_engines, unet
 from export.medsam_lite import export_medsam_lite, medsam_lite_entries  # noqa: F401 - part of this module's API
 from export.options import ExportOptions
+from export.sam import export_sam
 
 
 def _encoder_variant(name: str) -> Callable[[ExportOptions], list[Path]]:
@@ -28,4 +29,5 @@ EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
     "medsam_lite_bf16": _encoder_variant("medsam_lite_bf16"),
     "medsam_lite_tensorrt": tensorrt_engines.export_medsam_lite_tensorrt,
     "unet": export_unet,
+    "sam": export_sam,
 }

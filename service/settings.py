@@ -90,6 +90,10 @@ class Settings:
     memory_budget_bytes: int = 2 * 1024 * 1024 * 1024
     # The most one call may be charged (0: the budget).
     max_request_memory_bytes: int = 0
+    # Memory the gateway may use: start-up refuses models whose measured needs (medseg.memory_bytes,
+    # written at export) do not fit what is left of it (service/inference/memory_fit.py).
+    # 0 = the container's cgroup limit, or without one the machine's RAM.
+    memory_limit_bytes: int = 0
     # Calls whose client gave up (deadline, cancel) while their thread still runs keep their
     # slot until it ends; while this many are still running, new calls are refused at once.
     max_abandoned: int = 2
@@ -194,8 +198,9 @@ class Settings:
         if settings.max_inflight < 1 or settings.max_queue < 0:
             parser.error("--max-inflight must be >= 1 and --max-queue >= 0")
         if min(settings.memory_budget_bytes, settings.max_request_memory_bytes, settings.max_abandoned,
-               settings.max_inflight_per_caller, settings.burst_per_caller) < 0 or settings.rate_per_caller < 0:
-            parser.error("--memory-budget-bytes, --max-request-memory-bytes, --max-abandoned, "
+               settings.max_inflight_per_caller, settings.burst_per_caller,
+               settings.memory_limit_bytes) < 0 or settings.rate_per_caller < 0:
+            parser.error("--memory-budget-bytes, --max-request-memory-bytes, --memory-limit-bytes, --max-abandoned, "
                          "--max-inflight-per-caller, --rate-per-caller and --burst-per-caller must be >= 0")
         if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
             parser.error("--tls-cert-file and --tls-key-file go together")

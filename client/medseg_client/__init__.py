@@ -106,6 +106,11 @@ class SegmentResult:
     bytes, segment ``i + 1`` is prompt ``i``), and ``masks`` is empty: ``predicted_ious``,
     ``areas`` (the gateway's counts) and ``low_res_logits`` still hold one entry per prompt.
     ``dicom_seg`` is ``None`` for every other encoding.
+
+    With ``multimask_output`` (a model with ``ModelInfo.mask_candidates`` > 1, SAM) there are
+    that many masks per prompt, prompt-major: ``prompt_indices[j]`` is the prompt mask ``j``
+    answers and ``candidates[j]`` which of the model's candidates it is (:meth:`best` picks, per
+    prompt, the one with the highest predicted IoU).
     """
 
     masks: list[np.ndarray]
@@ -118,6 +123,17 @@ class SegmentResult:
     low_res_logits: list[np.ndarray] | None = None
     dicom_seg: bytes | None = None
     mask_areas: list[int] | None = None  # Mask.area as the gateway counted it, one per mask
+    prompt_indices: list[int] | None = None  # Mask.prompt_index: the prompt each mask answers
+    candidates: list[int] | None = None  # Mask.candidate: which candidate of its prompt
+
+    def best(self) -> list[int]:
+        """Per prompt (in order), the index into ``masks`` of its answer with the highest predicted IoU."""
+        prompts = self.prompt_indices if self.prompt_indices is not None else list(range(len(self.predicted_ious)))
+        best: dict[int, int] = {}
+        for j, p in enumerate(prompts):
+            if p not in best or self.predicted_ious[j] > self.predicted_ious[best[p]]:
+                best[p] = j
+        return [best[p] for p in sorted(best)]
 
     @property
     def areas(self) -> list[int]:
@@ -229,6 +245,7 @@ class SegmentationClient(VolumeClient):
         return_low_res_logits: bool = False,
         prompts: list[pb.Prompt] | None = None,
         dicom_seg_options: DicomSegOptions | pb.DicomSegOptions | None = None,
+        multimask_output: bool = False,
         timeout: float | None = None,
     ) -> SegmentResult:
         """Segment one image; one mask per prompt, in order.
@@ -243,7 +260,10 @@ class SegmentationClient(VolumeClient):
         DICOM image (or the ``image_id`` of one) only: the answer is one DICOM SEG,
         :attr:`SegmentResult.dicom_seg`, segment ``i + 1`` for prompt ``i``, written as
         ``dicom_seg_options`` says (:class:`DicomSegOptions`: labels, codes, kind, series
-        description; only with that encoding). ``timeout`` overrides the client's default deadline.
+        description; only with that encoding). ``multimask_output``: every candidate mask of each
+        prompt (models with ``ModelInfo.mask_candidates`` > 1, e.g. SAM; see :class:`SegmentResult`);
+        without it SAM answers a lone click with its best candidate by predicted IoU.
+        ``timeout`` overrides the client's default deadline.
         Raises :class:`ValueError` before sending, :class:`grpc.RpcError` from the server.
         """
         if (image is None) == (image_id is None):
@@ -265,6 +285,7 @@ class SegmentationClient(VolumeClient):
             prompts=prompt_list,
             encoding=wire_value,
             return_low_res_logits=return_low_res_logits,
+            multimask_output=multimask_output,
         )
         options = dicom_seg_message(dicom_seg_options, max_segments=max(len(prompt_list), 1))
         if options is not None:
@@ -364,4 +385,6 @@ def _segment_result(response: pb.SegmentResponse, with_logits: bool, *, dicom_se
         low_res_logits=logits,
         dicom_seg=bytes(response.dicom_seg) if dicom_seg else None,
         mask_areas=[int(mask.area) for mask in response.masks],
+        prompt_indices=[int(mask.prompt_index) for mask in response.masks],
+        candidates=[int(mask.candidate) for mask in response.masks],
     )

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="point prompt; LABEL 1 = foreground, 0 = background (repeatable)",
     )
     _add_model(segment)
+    segment.add_argument("--multimask", action="store_true",
+                         help="every candidate mask of the prompt (models proposing several, e.g. SAM: 3), written "
+                              "as MASK-1.png, MASK-2.png, ... beside the union")
     segment.add_argument("--out", type=Path, metavar="MASK.png",
                          help="output mask PNG (the union when there are several prompts); required unless "
                               "--out-seg is given")
@@ -231,7 +234,8 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
         display = load_display_image(args.image, window=window, slice_index=args.slice)
     result = seg = None
     if args.out is not None:
-        result = client.segment(image=image, boxes=boxes, points=points, model=args.model)
+        result = client.segment(image=image, boxes=boxes, points=points, model=args.model,
+                                multimask_output=args.multimask)
         for index, path in enumerate(mask_paths(args.out, len(result.masks))):
             mask = result.union() if index == 0 else result.masks[index - 1]
             write_mask_png(mask, path)
@@ -244,7 +248,9 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
     shown = result if result is not None else seg
     assert shown is not None
     for index, (iou, area) in enumerate(zip(shown.predicted_ious, shown.areas, strict=True)):
-        print(f"mask {index}: predicted_iou={iou:.4f} area={area} px")
+        which = (f" (prompt {shown.prompt_indices[index]}, candidate {shown.candidates[index]})"
+                 if args.multimask and shown.candidates else "")
+        print(f"mask {index}: predicted_iou={iou:.4f} area={area} px{which}")
     print(f"image_id: {shown.image_id}")
     print(f"model: {shown.model_name} {shown.model_version}".rstrip())
     if seg is not None:
@@ -256,13 +262,15 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
 
 
 def _models(client: SegmentationClient) -> int:
-    rows = [("NAME", "VERSION", "INPUT", "PROMPTS (* required)", "DEFAULT")]
+    rows = [("NAME", "VERSION", "INPUT", "PROMPTS (* required)", "MASKS/PROMPT", "DEFAULT")]
     for info in client.list_models():
         required = set(info.required_prompt_kinds)
         kinds = ", ".join(
             _kind_name(kind) + ("*" if kind in required else "") for kind in info.prompt_kinds
         )
-        rows.append((info.name, info.version, str(info.input_size), kinds, "yes" if info.is_default else ""))
+        candidates = f"1 of {info.mask_candidates}" if info.mask_candidates > 1 else "1"
+        rows.append((info.name, info.version, str(info.input_size), kinds, candidates,
+                     "yes" if info.is_default else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -33,6 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from service.backends import runtimes
 from service.core.domain import ModelInfo, PromptKind
+from service.core.geometry import check_preprocessing
 
 TARGETS = ("cpu", "gpu", "tensorrt")
 ONNX_FILENAME = "model.onnx"
@@ -92,6 +93,10 @@ class GatewayParameters:
     decoder: str = ""
     structure: str = ""
     weights_sha256: str = ""
+    # how an image is placed in the square input (service.core.geometry.PREPROCESSINGS)
+    preprocessing: str = ""
+    # bytes of memory the entry takes loaded and run once, measured at export (0: not measured)
+    memory_bytes: int = 0
     target: str = ""
 
     _PREFIX = "medseg."
@@ -125,8 +130,11 @@ class GatewayParameters:
                                  f"{', '.join(cls._PREFIX + k for k in sorted(known))})")
             if name in ("prompt_kinds", "required_prompt_kinds"):
                 values[name] = _kinds(text)
-            elif name == "input_size":
-                values[name] = int(text)
+            elif name in ("input_size", "memory_bytes"):
+                try:
+                    values[name] = int(text)
+                except ValueError:
+                    raise ValueError(f"{where}: parameter {key!r} must be an integer, not {text!r}") from None
             else:
                 values[name] = text
         return cls(**values)
@@ -305,12 +313,25 @@ class SegmenterModel(NamedTuple):
         return self.entry.gateway.structure or "its structure"
 
 
-def model_info(name: str, params: GatewayParameters, default_model: str) -> ModelInfo:
+def model_info(name: str, params: GatewayParameters, default_model: str, mask_candidates: int = 1) -> ModelInfo:
     if params.input_size <= 0:
         raise ValueError(f"model {name!r}: medseg.input_size must be a positive integer")
+    check_preprocessing(params.preprocessing)
     return ModelInfo(name=name, version=params.version, input_size=params.input_size,
                      prompt_kinds=params.prompt_kinds, required_prompt_kinds=params.required_prompt_kinds,
-                     description=params.description, is_default=(name == default_model))
+                     description=params.description, is_default=(name == default_model),
+                     mask_candidates=mask_candidates)
+
+
+def mask_candidates(decoder: RepositoryEntry) -> int:
+    """Candidates per prompt a prompt decoder answers with: its mask output has 1 channel
+    (one mask), or SAM's 4 (the single-mask token, then the 3 multimask candidates)."""
+    dims = decoder.tensor(decoder.output_names[0]).dims
+    channels = dims[1] if len(dims) == 4 else 1
+    if channels not in (1, 4):
+        raise ValueError(f"{decoder.name}/config.pbtxt: mask output with {channels} channels; the gateway "
+                         "serves 1 (one mask) or 4 (SAM's single-mask token + 3 candidates)")
+    return 1 if channels == 1 else 3
 
 
 def discover(repository: Path, default_model: str) -> dict[str, SamModel | SegmenterModel]:
@@ -334,5 +355,5 @@ def discover(repository: Path, default_model: str) -> dict[str, SamModel | Segme
         dec = by_name.get(enc.gateway.decoder) if enc.gateway.decoder else roles.get(Role.PROMPT_DECODER)
         if dec is None:
             continue
-        models[name] = SamModel(model_info(name, enc.gateway, default_model), enc, dec)
+        models[name] = SamModel(model_info(name, enc.gateway, default_model, mask_candidates(dec)), enc, dec)
     return models

@@ -153,6 +153,8 @@ class MaskResult:
     low_res_logits: np.ndarray | None = None
     encoded: bytes | None = None
     area: int | None = None
+    prompt_index: int = 0  # the request's prompt this mask answers
+    candidate: int = 0  # which of the decoder's candidates (0 for a single-mask answer)
 
 
 # --------------------------------------------------------------------------- models
@@ -165,6 +167,9 @@ class ModelInfo:
     required_prompt_kinds: frozenset[PromptKind]
     description: str = ""
     is_default: bool = False
+    # candidate masks the prompt decoder gives per prompt (SAM: 3, of which one is returned
+    # unless the request asks for all; LiteMedSAM: 1)
+    mask_candidates: int = 1
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,8 @@ class SegmentRequest:
     image_id: str | None = None
     encoding: MaskEncoding = MaskEncoding.BITS
     return_low_res_logits: bool = False
+    # every candidate mask of each prompt (a model with ModelInfo.mask_candidates > 1)
+    multimask_output: bool = False
     # with encoding DICOM_SEG: a service.core.dicom_seg.SegOptions (None: the defaults)
     dicom_seg: object | None = None
 

@@ -154,7 +154,7 @@ def segment_estimate(request: SegmentRequest, limits: ImageLimits = ImageLimits(
     request_bytes += sum(4 * p.mask_input.size for p in request.prompts if p.mask_input is not None)
     mask_bytes = answer = 0
     if height is not None and width is not None:
-        count = masks if masks is not None else max(1, len(request.prompts))
+        count = masks if masks is not None else max(1, len(request.prompts)) * (3 if request.multimask_output else 1)
         mask_bytes, answer = _masks_estimate(height, width, count, request.encoding, request.return_low_res_logits,
                                              answer_limit, low_res, mask_factor)
     return MemoryEstimate(request_bytes, decode_bytes, mask_bytes, answer, height, width)

@@ -121,6 +121,7 @@ def segment_request_from_proto(msg: pb.SegmentRequest, model: str) -> SegmentReq
         image_id=msg.image_id if which == "image_id" else None,
         encoding=encoding,
         return_low_res_logits=msg.return_low_res_logits,
+        multimask_output=msg.multimask_output,
         dicom_seg=_dicom_seg_of(msg, encoding),
     )
 
@@ -146,6 +147,7 @@ def segment_response_to_proto(result: SegmentResult, encoding: MaskEncoding) -> 
             data = m.encoded if m.encoded is not None else encode_mask(m.mask, encoding)
         area = m.area if m.area is not None else int(m.mask.sum())
         msg = mask_to_proto(result.height, result.width, encoding, data, m.predicted_iou, area)
+        msg.prompt_index, msg.candidate = m.prompt_index, m.candidate
         if m.low_res_logits is not None:
             lr = m.low_res_logits
             msg.low_res_logits.CopyFrom(pb.LowResLogits(height=lr.shape[0], width=lr.shape[1],
@@ -165,7 +167,7 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         name=info.name, version=info.version, input_size=info.input_size,
         prompt_kinds=sorted(_KIND_TO_PB[k] for k in info.prompt_kinds),
         required_prompt_kinds=sorted(_KIND_TO_PB[k] for k in info.required_prompt_kinds),
-        description=info.description, is_default=info.is_default)
+        description=info.description, is_default=info.is_default, mask_candidates=info.mask_candidates)
 
 
 def embed_image_from_proto(msg: pb.EmbedImageRequest) -> ImageInput:

@@ -15,9 +15,9 @@ from service.core.errors import StartupError
 from service.backends.base import Backend
 from service.core.domain import EmbedResult, ImageInput, MaskEncoding, ModelInfo, SegmentRequest, SegmentResult
 from service.inference.cache import ImageCache, scope_for, scoped
-from service.inference import model_choice, seg_output, work
+from service.inference import memory_fit, model_choice, seg_output, work
 from service.inference.observer import Observer
-from service.backends.repository import SamModel, SegmenterModel, discover
+from service.backends.repository import SamModel, SegmenterModel, discover, read_entry
 from service.inference.pipeline import SamPipeline
 from service.inference.segmenter_pipeline import SegmenterPipeline
 from service.inference.studies import StudyService
@@ -76,6 +76,12 @@ class Gateway:
         if self.settings.startup_delay_s > 0:
             await asyncio.sleep(self.settings.startup_delay_s)
         names = list(dict.fromkeys(m for p in self.pipelines.values() for m in p.repository_models))  # shared decoders
+        if self.backend.name == "embedded":  # Triton holds its models in its own process
+            try:
+                log.info("memory: %s", memory_fit.check(
+                    [read_entry(self.settings.model_repository / n) for n in names], self.settings.memory_limit_bytes))
+            except ValueError as exc:
+                raise StartupError(str(exc)) from exc
         while True:
             try:
                 await self.backend.start(names)
@@ -192,6 +198,10 @@ class Gateway:
         """A 2-D answer as one DICOM SEG (segment i + 1 = prompt i): the source header is read
         (and a non-DICOM input refused) before any model runs; the masks travel as bits until
         the SEG is written, and the answer's masks keep only their metadata."""
+        if request.multimask_output:
+            raise errors.InvalidArgument("a DICOM SEG holds one segment per prompt: send multimask_output false "
+                                         "with MASK_ENCODING_DICOM_SEG (the best candidate is chosen), or ask "
+                                         "for the candidates in another encoding")
         header = await work.run_in_thread(seg_output.source_header, request, self.settings.image_limits)
         result = await pipeline.segment(replace(request, encoding=MaskEncoding.BITS))
         written = await work.run_in_thread(

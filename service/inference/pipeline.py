@@ -120,6 +120,10 @@ class CachedPipeline:
         key = content_hash(decoded.pixels)
         return decoded, key, time.perf_counter() - start
 
+    def frame_for(self, height: int, width: int) -> Frame:
+        """How an image of this size sits in the model input."""
+        return Frame(height, width, self.info.input_size)
+
     def check_request(self, request: SegmentRequest, frame: Frame) -> list[Prompt]:
         """Reject a request's prompts for an image of ``frame``'s size, or return them checked
         (what the model decodes); called once per request, before any model runs."""
@@ -140,7 +144,7 @@ class CachedPipeline:
         decoded, image_hash, seconds = await work.run_in_thread(self._decode, image)
         checked = None
         if request is not None:
-            checked = self.check_request(request, Frame(decoded.height, decoded.width, self.info.input_size))
+            checked = self.check_request(request, self.frame_for(decoded.height, decoded.width))
         self._metrics.observe_stage("decode_image", self.info.name, seconds)
         # the id this caller's scope sees (HMAC, see service.inference.cache), and its entry's key
         image_hash = self._cache.image_id(self.info.name, self.info.version, image_hash)
@@ -225,11 +229,21 @@ class SamPipeline(CachedPipeline):
             out = await self._backend.infer(call.model, call.inputs, call.outputs, self._timeout)
         return self.predictor.embedding(out, frame).tensor, frame
 
+    def frame_for(self, height: int, width: int) -> Frame:
+        return self.predictor.frame(height, width)
+
     def check_request(self, request: SegmentRequest, frame: Frame) -> list[Prompt]:
+        if request.multimask_output and self.info.mask_candidates == 1:
+            raise errors.UnsupportedPrompt(f"model {self.info.name!r} answers one mask per prompt; send "
+                                           "multimask_output false, or use a model with mask_candidates > 1 "
+                                           "(see ListModels)")
         return self.predictor.check_prompts(request.prompts, frame, self._max_prompts)
 
+    def masks_per_prompt(self, request: SegmentRequest) -> int:
+        return self.info.mask_candidates if request.multimask_output else 1
+
     async def decode_masks(self, entry: CachedOutput, checked: list[Prompt], return_low_res_logits: bool = False,
-                           encoding: MaskEncoding | None = None) -> list[MaskResult]:
+                           encoding: MaskEncoding | None = None, candidates: bool = False) -> list[MaskResult]:
         """Masks for prompts already checked by :meth:`check_request` against ``entry``'s image.
 
         Upsampled and thresholded one prompt at a time (the float32 logits at input size exist
@@ -249,14 +263,19 @@ class SamPipeline(CachedPipeline):
                 for indices, call in self.predictor.decoder_calls(embedding, checked[start:start + DECODER_BATCH]):
                     out = await self._backend.infer(call.model, call.inputs, call.outputs, self._timeout)
                     results.append(([start + i for i in indices], out))
-            logits, ious = self.predictor.logits_from(results, len(checked))
+            logits, ious = self.predictor.logits_from(results, checked, candidates)
         del results
+        # one row per answered mask, prompt-major: (prompt index, candidate index)
+        which = [(i, c) for i in range(len(checked)) for c in range(logits.shape[1] if candidates else 1)]
+        if candidates:
+            logits, ious = logits.reshape(-1, *logits.shape[2:]), ious.reshape(-1)
         limit = current.answer_limit if current is not None else None
         with self._metrics.stage("postprocess", self.info.name):
-            return await work.run_in_thread(self._masks, logits, ious, frame, return_low_res_logits, encoding, limit)
+            return await work.run_in_thread(self._masks, logits, ious, frame, return_low_res_logits, encoding, limit,
+                                            which)
 
     def _masks(self, logits: np.ndarray, ious: np.ndarray, frame: Frame, keep_logits: bool,
-               encoding: MaskEncoding | None, limit: int | None) -> list[MaskResult]:
+               encoding: MaskEncoding | None, limit: int | None, which: list[tuple[int, int]]) -> list[MaskResult]:
         call = work.current()
         out: list[MaskResult] = []
         total = 0
@@ -266,8 +285,9 @@ class SamPipeline(CachedPipeline):
             mask = self.predictor.upsample(logits[i:i + 1], frame)[0] > 0.0
             low = logits[i].copy() if keep_logits else None
             iou = float(np.clip(ious[i], 0.0, 1.0))
+            prompt_index, candidate = which[i]
             if encoding is None:
-                out.append(MaskResult(mask, iou, low))
+                out.append(MaskResult(mask, iou, low, prompt_index=prompt_index, candidate=candidate))
                 continue
             data, area = encode_mask(mask, encoding), int(np.count_nonzero(mask))
             del mask
@@ -276,13 +296,16 @@ class SamPipeline(CachedPipeline):
                 raise AnswerTooLarge(f"the answer would be over {limit} bytes after {i + 1} of {len(logits)} "
                                      f"{encoding.value} masks of {frame.width}x{frame.height}; the gateway sends at "
                                      "most that (--max-request-bytes): send fewer prompts or a smaller image")
-            out.append(MaskResult(None, iou, low, encoded=data, area=area))
+            out.append(MaskResult(None, iou, low, encoded=data, area=area, prompt_index=prompt_index,
+                                  candidate=candidate))
         return out
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
         image_id, entry, checked = await self.resolve(request)
-        await self._reserve_masks(request, entry.frame, len(checked), self.predictor.low_res)
-        masks = await self.decode_masks(entry, checked, request.return_low_res_logits, request.encoding)
+        await self._reserve_masks(request, entry.frame, len(checked) * self.masks_per_prompt(request),
+                                  self.predictor.low_res)
+        masks = await self.decode_masks(entry, checked, request.return_low_res_logits, request.encoding,
+                                        request.multimask_output)
         return SegmentResult(self.info, image_id, entry.frame.height, entry.frame.width, tuple(masks))
 
     async def warmup(self) -> None:

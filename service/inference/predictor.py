@@ -20,17 +20,17 @@ from the model's repository entries (``config.pbtxt``).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from service.backends.repository import RepositoryEntry, SamModel, discover
+from service.backends.repository import RepositoryEntry, SamModel, discover, mask_candidates
 from service.backends.runtimes import ModelSession, open_session
 from service.core import prompts as prompt_rules
 from service.core.domain import Prompt
-from service.core.geometry import Frame, model_input, upsample_logits
+from service.core.geometry import Frame, frame_of, model_input, upsample_logits
 
 DECODER_PROMPT_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input")
 
@@ -83,6 +83,21 @@ def sessions_run(sessions: Mapping[str, Runner]) -> Run:
     return run
 
 
+def ambiguous(prompt: Prompt) -> bool:
+    """A prompt that says too little for one mask: a single click, with no box or previous mask."""
+    return prompt.box is None and prompt.mask_input is None and len(prompt.points) <= 1
+
+
+def choose(prompt: Prompt, scores: np.ndarray) -> int:
+    """Which of SAM's four decoder outputs answers ``prompt`` (``scores``: their predicted IoUs):
+    for an :func:`ambiguous` prompt the best of the three multimask candidates by predicted IoU,
+    else the single-mask token 0, trained for prompts that pin the object down. This is SAM's
+    own rule (``SamPredictor``'s advice, ``SamOnnxModel.select_masks``)."""
+    if ambiguous(prompt):
+        return 1 + int(np.argmax(scores[1:4]))
+    return 0
+
+
 class SamPredictor:
     """Image encoder + prompt decoder of one :class:`SamModel`, step by step.
 
@@ -102,6 +117,7 @@ class SamPredictor:
         self.model = model
         self.info = model.info
         self.input_size: int = model.info.input_size
+        self.preprocessing: str = enc.gateway.preprocessing
         self.low_res: tuple[int, int] = (int(mask_dims[0]), int(mask_dims[1]))
         self._image_input = enc.inputs[0].name
         self._embedding_output = enc.outputs[0].name
@@ -139,11 +155,33 @@ class SamPredictor:
 
         return SamPredictor(SamModel(self.info, entry, self.model.decoder), run)
 
+    def with_decoder(self, entry: RepositoryEntry, decoder: Runner | Path | None = None) -> "SamPredictor":
+        """The same encoder (and its runner) in front of another prompt decoder ``entry`` (a
+        variant's own decoder, e.g. the fp32 file run by OpenVINO in BF16), run by ``decoder``:
+        a session or callable, or an ONNX file to open with the entry's parameters (default: the
+        entry's own file). Chain it with :meth:`with_encoder` to put a whole variant under test:
+        ``base.with_encoder(enc, enc_file).with_decoder(dec, dec_file)``."""
+        if decoder is None and entry == self.model.decoder:
+            return self
+        if decoder is None or isinstance(decoder, (str, Path)):
+            decoder = open_entry(entry, None if decoder is None else Path(decoder))
+        decoder_run, rest = sessions_run({entry.name: decoder}), self._require_run()
+
+        def run(model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+            return (decoder_run if model == entry.name else rest)(model, feeds, outputs)
+
+        info = replace(self.info, mask_candidates=mask_candidates(entry))
+        return SamPredictor(SamModel(info, self.model.encoder, entry), run)
+
     # --- sans-IO steps ------------------------------------------------------------------
+
+    def frame(self, height: int, width: int) -> Frame:
+        """How an image of this size sits in the model input (prompts map through it)."""
+        return frame_of(height, width, self.input_size, self.preprocessing)
 
     def preprocess(self, pixels: np.ndarray) -> tuple[np.ndarray, Frame]:
         """Decoded pixels (float32 ``(H, W)`` or ``(H, W, 3)`` in [0, 1]) -> encoder input + frame."""
-        return model_input(pixels, self.input_size)
+        return model_input(pixels, self.input_size, self.preprocessing)
 
     def tensor_call(self, tensor: np.ndarray) -> ModelCall:
         """The encoder call on a prepared input tensor."""
@@ -171,19 +209,27 @@ class SamPredictor:
             yield indices, ModelCall(self.model.decoder.name, feeds, outputs)
 
     def logits_from(self, results: Iterable[tuple[list[int], Mapping[str, np.ndarray]]],
-                    n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Gather the decoder calls' outputs into float32 ``(n, h, w)`` low-res logits and ``(n,)`` IoUs."""
-        logits: np.ndarray | None = None
-        ious = np.empty(n, dtype=np.float32)
+                    prompts: Sequence[Prompt], candidates: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Gather the decoder calls' outputs for the checked ``prompts`` into float32 low-res
+        logits ``(P, h, w)`` and IoUs ``(P,)``: one mask per prompt, chosen by :func:`choose`.
+        With ``candidates`` (a multimask model only): all of them, ``(P, K, h, w)`` and ``(P, K)``."""
+        n, k = len(prompts), self.info.mask_candidates
+        if candidates and k == 1:
+            raise ValueError(f"model {self.info.name!r} answers one mask per prompt")
+        logits = np.empty((n, k if candidates else 1, *self.low_res), dtype=np.float32)
+        ious = np.empty((n, logits.shape[1]), dtype=np.float32)
         for indices, out in results:
-            masks = out[self._mask_output][:, 0]
-            if logits is None:
-                logits = np.empty((n, *masks.shape[-2:]), dtype=np.float32)
-            logits[indices] = masks
-            ious[indices] = out[self._iou_output][:, 0]
-        if logits is None:
-            logits = np.empty((n, *self.low_res), dtype=np.float32)
-        return logits, ious
+            masks, scores = out[self._mask_output], out[self._iou_output]
+            if k == 1:
+                logits[indices, 0], ious[indices, 0] = masks[:, 0], scores[:, 0]
+                continue
+            for j, i in enumerate(indices):  # SAM's 4 outputs: the single-mask token, then 3 candidates
+                if candidates:
+                    logits[i], ious[i] = masks[j, 1:], scores[j, 1:]
+                else:
+                    c = choose(prompts[i], scores[j])
+                    logits[i, 0], ious[i, 0] = masks[j, c], scores[j, c]
+        return (logits, ious) if candidates else (logits[:, 0], ious[:, 0])
 
     def upsample(self, low_res: np.ndarray, frame: Frame) -> np.ndarray:
         """float32 ``(P, h, w)`` low-res logits -> ``(P, H, W)`` logits at input-image size."""
@@ -213,13 +259,16 @@ class SamPredictor:
         """Run the encoder on an input tensor prepared elsewhere (``frame``: how prompts map to it)."""
         return self.embedding(self.call(self.tensor_call(tensor)), frame)
 
-    def decode(self, embedding: Embedding, checked: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
-        """Low-res logits float32 ``(P, h, w)`` and IoUs float32 ``(P,)`` for checked prompts."""
+    def decode(self, embedding: Embedding, checked: list[Prompt], candidates: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Low-res logits float32 ``(P, h, w)`` and IoUs float32 ``(P,)`` for checked prompts
+        (with ``candidates``: every candidate, ``(P, K, h, w)`` and ``(P, K)``)."""
         results = [(indices, self.call(call)) for indices, call in self.decoder_calls(embedding, checked)]
-        return self.logits_from(results, len(checked))
+        return self.logits_from(results, checked, candidates)
 
-    def predict(self, embedding: Embedding, prompts: Sequence[Prompt],
-                max_prompts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, embedding: Embedding, prompts: Sequence[Prompt], max_prompts: int | None = None,
+                candidates: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Check ``prompts`` (API coordinates of the embedded image) and decode them:
-        float32 ``(P, h, w)`` low-res logits and float32 ``(P,)`` predicted IoUs."""
-        return self.decode(embedding, self.check_prompts(prompts, embedding.frame, max_prompts))
+        float32 ``(P, h, w)`` low-res logits and float32 ``(P,)`` predicted IoUs (with
+        ``candidates``: all of a multimask model's, ``(P, K, h, w)`` and ``(P, K)``)."""
+        return self.decode(embedding, self.check_prompts(prompts, embedding.frame, max_prompts), candidates)

@@ -45,7 +45,7 @@ class SegmenterPipeline(CachedPipeline):
         return out[self._output], frame
 
     def check_request(self, request: SegmentRequest, frame: Frame) -> None:
-        if request.prompts:
+        if request.prompts or request.multimask_output:
             raise errors.UnsupportedPrompt(
                 f"model {self.info.name!r} is a prompt-free segmenter: send no prompts; it segments "
                 f"{self.model.structure} in the whole image (see ListModels)")

@@ -133,7 +133,7 @@ def test_sans_io_steps_need_no_runtime_and_the_sync_api_says_what_is_missing(tmp
     ((indices, dec),) = list(predictor.decoder_calls(embedding, checked))
     assert indices == [0] and dec.inputs["mask_input"].shape == (1, 1, 8, 8)
     logits, ious = predictor.logits_from([(indices, {"masks": np.ones((1, 1, 8, 8), np.float32),
-                                                     "scores": np.full((1, 1), 0.5, np.float32)})], 1)
+                                                     "scores": np.full((1, 1), 0.5, np.float32)})], checked)
     assert logits.shape == (1, 8, 8) and ious.tolist() == [0.5]
     with pytest.raises(RuntimeError, match="no Run"):
         predictor.embed(np.zeros((10, 20), np.float32))
