@@ -11,15 +11,24 @@ give the same masks):
    mask is worst (most wrong voxels): the reference box there, or, where that slice has no
    reference pixels (the mask ran past the structure), erasing that slice; 3-D Dice after
    each step and the area under that curve (normalised to [0, 1]), as the CVPR 2025
-   interactive challenge scores it;
+   interactive challenge scores it. With ``--corrections-as clicks`` (a model that takes
+   point prompts) each correction is a click on that slice instead, as the challenge
+   simulates them: positive at the centre of the largest false-negative region, or negative
+   at the centre of the largest false-positive one, whichever region is larger
+   (:mod:`service.inference.clicks`); clicks accumulate on their slice, which becomes an
+   anchor prompted with its box (the anchor's, else its mask's), its clicks and its previous
+   logits (:class:`service.inference.propagation.Clicks`); past the structure's end too
+   (a negative click there, no erase);
 4. the trained U-Net slice by slice, where the model repository has one for the structure.
 
 3-D Dice and NSD (MONAI ``compute_surface_dice``, 2 mm, voxel spacing); seconds per structure
 *cold* (the encoder time of every slice the one-box run and its corrections visit, each slice
 once, plus every decoder call) and per interaction. Writes docs/EVALUATION_3D.md and
-bench/volumes_results.json.
+bench/volumes_results.json (with clicks: docs/EVALUATION_3D_CLICKS.md and
+bench/volumes_results_clicks.json, so that a click run does not replace the box report).
 
     .venv/bin/python bench/evaluate_volumes.py [--model NAME] [--volumes a,b] [--structures x,y]
+        [--corrections-as {boxes,clicks}]
 """
 
 from __future__ import annotations
@@ -40,8 +49,9 @@ sys.path.insert(0, str(REPO))
 from bench.measure import machine, matmul_gflops  # noqa: E402
 from export.dev_cases import SHARED_DATA  # noqa: E402
 from service.backends.repository import SamModel, discover  # noqa: E402
-from service.core.domain import Prompt, Window  # noqa: E402
+from service.core.domain import Prompt, PromptKind, Window  # noqa: E402
 from service.core.volume import Volume, VolumeSource, load_volume  # noqa: E402
+from service.inference import clicks as click_rules  # noqa: E402
 from service.inference import model_choice  # noqa: E402
 from service.inference import propagation as prop  # noqa: E402
 from service.inference.predictor import SamPredictor  # noqa: E402
@@ -53,6 +63,7 @@ COMPACT = ("brain", "cerebellum", "thalamus", "putamen", "caudate", "pallidum", 
 CT_WINDOW = Window(40.0, 400.0)   # the DICOM series' own window; sent with its NIfTI too
 BUDGET_S = 90.0                   # the challenge's time budget per structure
 ONE_BOX_TARGET, CORRECTION_MARGIN, MAX_DROP = 0.9, 0.03, 0.01
+CORRECTION_KINDS = ("boxes", "clicks")
 
 
 def is_compact(structure: str) -> bool:
@@ -115,9 +126,23 @@ def correction(k: int, pred: np.ndarray, ref: np.ndarray) -> tuple[prop.Interact
     return prop.Interaction(erase=(lo, hi)), f"erase slices {lo}-{hi}"
 
 
+def click_correction(k: int, pred: np.ndarray, ref: np.ndarray) -> tuple[prop.Interaction, str, dict] | None:
+    """The simulated user's click on slice ``k`` (:func:`service.inference.clicks.correction_click`,
+    model-orientation pixels), its action text and its record; None where the slice is right."""
+    point = click_rules.correction_click(pred[k], ref[k])
+    if point is None:
+        return None
+    sign = "positive" if point.positive else "negative"
+    return (prop.Interaction(k, points=(point,)), f"{sign} click at ({point.x:g}, {point.y:g}) on slice {k}",
+            {"slice": k, "x": point.x, "y": point.y, "positive": point.positive})
+
+
 def evaluate_structure(vp: VolumePredictor, ref: np.ndarray, spacing: tuple[float, float, float],
-                       corrections: int) -> dict:
-    """One structure: oracle, one box, corrections (see the module doc)."""
+                       corrections: int, corrections_as: str = "boxes") -> dict:
+    """One structure: oracle, one box, corrections as ``corrections_as`` boxes (with erasing)
+    or clicks (see the module doc)."""
+    if corrections_as not in CORRECTION_KINDS:
+        raise ValueError(f"corrections_as is one of {', '.join(CORRECTION_KINDS)}, not {corrections_as!r}")
     zyx = (spacing[2], spacing[0], spacing[1])  # (slice, row, column) mm
     areas = ref.reshape(len(ref), -1).sum(axis=1)
     oracle = np.zeros_like(ref)
@@ -131,15 +156,21 @@ def evaluate_structure(vp: VolumePredictor, ref: np.ndarray, spacing: tuple[floa
     steps = [{"step": 0, "action": f"box on slice {key}", "dice": dice(pred, ref), "nsd": nsd(pred, ref, zyx),
               "seconds": visits.seconds(), "wall_s": time.perf_counter() - start}]
     for i in range(1, corrections + 1):
-        k = worst_slice(pred, ref, {a for a, _ in segment.state.anchors})
+        # a box again on an anchor changes nothing; a click there adds to its clicks
+        k = worst_slice(pred, ref, {a for a, _ in segment.state.anchors} if corrections_as == "boxes" else set())
         if k is None:
             break
         before = visits.seconds()
         t = time.perf_counter()
-        step, action = correction(k, pred, ref)
+        record = {}
+        if corrections_as == "boxes":
+            step, action = correction(k, pred, ref)
+        else:
+            step, action, record = click_correction(k, pred, ref)   # k has wrong pixels: never None
         pred = segment.apply(step)
         steps.append({"step": i, "action": action, "dice": dice(pred, ref), "nsd": nsd(pred, ref, zyx),
-                      "seconds": visits.seconds() - before, "wall_s": time.perf_counter() - t})
+                      "seconds": visits.seconds() - before, "wall_s": time.perf_counter() - t,
+                      **({"click": record} if record else {})})
     seconds = visits.seconds()
     visits.close()
     got = np.flatnonzero(pred.reshape(len(pred), -1).any(axis=1))
@@ -168,16 +199,45 @@ def choose_model(repository: Path, requested: str) -> str:
     return model_choice.choose(requested, sams, model_choice.cpu_flags()).model
 
 
+class NoClickModel(Exception):
+    """``--corrections-as clicks`` without a model that takes point prompts (exit status 2)."""
+
+
+def choose_click_model(repository: Path, requested: str) -> str:
+    """The model of a click evaluation: ``requested``, which must take point prompts; for
+    ``auto`` the only such model of the repository (LiteMedSAM, ``auto``'s choice, takes none)."""
+    models = {n: m for n, m in discover(repository, None).items() if isinstance(m, SamModel)}
+    takes_points = sorted(n for n, m in models.items() if PromptKind.POINT in m.info.prompt_kinds)
+    if requested != model_choice.AUTO:
+        if requested in models and requested not in takes_points:
+            kinds = ", ".join(sorted(k.value for k in models[requested].info.prompt_kinds))
+            raise NoClickModel(f"--corrections-as clicks needs a model that takes point prompts: {requested!r} takes "
+                               f"{kinds}; pass --model one of: {', '.join(takes_points) or 'none in this repository'} "
+                               "(python -m export sam exports one), or --corrections-as boxes")
+        return requested
+    if len(takes_points) != 1:
+        raise NoClickModel("--corrections-as clicks needs a model that takes point prompts; "
+                           + (f"pass --model one of: {', '.join(takes_points)}" if takes_points else
+                              f"{repository} has none (python -m export sam exports one), or use "
+                              "--corrections-as boxes"))
+    return takes_points[0]
+
+
 def run(args: argparse.Namespace) -> dict:
     data = Path(args.data_dir) / "volumes"
     repository = Path(args.repository)
-    model = choose_model(repository, args.model)
+    clicking = args.corrections_as == "clicks"
+    model = choose_click_model(repository, args.model) if clicking else choose_model(repository, args.model)
     predictor = SamPredictor.from_repository(repository, model)
+    if clicking and PromptKind.POINT not in predictor.info.prompt_kinds:
+        raise NoClickModel(f"--corrections-as clicks needs a model that takes point prompts; {model!r} takes none")
     index = json.loads((data / "index.json").read_text())
     wanted = set(args.volumes.split(",")) if args.volumes else None
     structures = set(args.structures.split(",")) if args.structures else None
     segmenters = unet_models(repository)
     results: dict = {"model": model, "volumes": {}}
+    if clicking:   # the box run's results keep their keys as they were
+        results["corrections_as"] = "clicks"
     for entry in index["volumes"]:
         name = entry["subject"]
         folder = data / name
@@ -197,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
                 if structures is not None and structure not in structures:
                     continue
                 ref = reference_slices(load_nifti(mask_file), volume)
-                row = evaluate_structure(vp, ref, volume.spacing_mm, args.corrections)
+                row = evaluate_structure(vp, ref, volume.spacing_mm, args.corrections, args.corrections_as)
                 row["compact"] = is_compact(structure)
                 row["unet"] = segmenters.get(structure)
                 rows[structure] = row
@@ -249,18 +309,33 @@ def same_masks(results: dict) -> list[str]:
 def render(results: dict, command: str, machine_line: str, seconds: float) -> str:
     s = summary(results)
     n = max((len(r["steps"]) - 1 for v in results["volumes"].values() for r in v["structures"].values()), default=0)
+    clicking = results.get("corrections_as", "boxes") == "clicks"
+    if clicking:
+        title = "# 3-D evaluation: one box, propagated, corrected with clicks"
+        chosen = "a model that takes point prompts: the one `--model` named, or for auto the repository's only one"
+        how = (f"corrections = up to {n} simulated **clicks** (`--corrections-as clicks`), each on the slice with "
+               "the most wrong voxels: positive at the centre (the maximum of the distance transform) of that "
+               "slice's largest false-negative region, or negative at the centre of its largest false-positive one, "
+               "whichever region is larger, as the CVPR 2025 interactive challenge simulates clicks "
+               "(service/inference/clicks.py); clicks accumulate on their slice, an anchor prompted with its box "
+               "(the anchor's, else its mask's), its clicks and its previous logits, and re-propagated from; "
+               "no erasing.")
+    else:
+        title = "# 3-D evaluation: one box, propagated, corrected"
+        chosen = "the one `--default-model auto` prefers on this CPU"
+        how = (f"corrections = up to {n} simulated interactions, each on the slice with the most wrong voxels (its "
+               "reference box, or, where that slice has no reference pixels because the mask ran past the structure, "
+               "erasing from there to where the mask stops on that side).")
     lines = [
-        "# 3-D evaluation: one box, propagated, corrected",
+        title,
         "",
-        f"Measured {dt.date.today().isoformat()} on {machine_line}; model `{results['model']}` (the one "
-        "`--default-model auto` prefers on this CPU, run by the same predictor and propagation code the gateway "
+        f"Measured {dt.date.today().isoformat()} on {machine_line}; model `{results['model']}` ({chosen}, "
+        "run by the same predictor and propagation code the gateway "
         f"serves); {seconds:.0f} s in all. Command: `{command}`.",
         "",
         "Method: bench/evaluate_volumes.py (module doc). Oracle = every reference slice prompted with its own "
         "reference box; one box = the reference box on the slice of largest reference area, propagated; "
-        f"corrections = up to {n} simulated interactions, each on the slice with the most wrong voxels (its "
-        "reference box, or, where that slice has no reference pixels because the mask ran past the structure, "
-        "erasing from there to where the mask stops on that side). Dice and NSD (2 mm, MONAI "
+        f"{how} Dice and NSD (2 mm, MONAI "
         "`compute_surface_dice` with the voxel spacing) over the whole volume. Seconds are *cold*: the encoder "
         "time of every slice the structure's runs visit plus every decoder call.",
         "",
@@ -305,7 +380,7 @@ def render(results: dict, command: str, machine_line: str, seconds: float) -> st
         for st, r in v["structures"].items():
             cells = [f"{x['dice']:.3f}" for x in r["steps"]] + [""] * (n + 1 - len(r["steps"]))
             lines.append(f"| {vname} | {st} | " + " | ".join(cells) + " |")
-    lines += ["", FINDINGS]
+    lines += ["", FINDINGS_CLICKS if clicking else FINDINGS]
     return "\n".join(lines)
 
 
@@ -332,6 +407,13 @@ FINDINGS = """## Findings
 """
 
 
+FINDINGS_CLICKS = """## Findings
+
+- None written for click corrections yet: the findings of docs/EVALUATION_3D.md were measured
+  with box corrections and LiteMedSAM.
+"""
+
+
 def render_saved(json_path: Path, out: Path, seconds: float) -> None:
     """Re-render the report from a saved results file (after a change of the text only)."""
     results = json.loads(json_path.read_text())
@@ -347,12 +429,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", default="", help="comma-separated structure names (default: all)")
     parser.add_argument("--corrections", type=int, default=5)
     parser.add_argument("--no-dicom", action="store_true", help="skip the DICOM series pass")
-    parser.add_argument("--out", default=str(REPO / "docs" / "EVALUATION_3D.md"))
-    parser.add_argument("--json", default=str(REPO / "bench" / "volumes_results.json"))
+    parser.add_argument("--corrections-as", choices=CORRECTION_KINDS, default="boxes",
+                        help="the simulated corrections: boxes (and erasing past the structure), or clicks (a model "
+                             "that takes point prompts, e.g. one exported by python -m export sam)")
+    parser.add_argument("--out", default=None,
+                        help="the report (default docs/EVALUATION_3D.md; with clicks docs/EVALUATION_3D_CLICKS.md)")
+    parser.add_argument("--json", default=None,
+                        help="the results (default bench/volumes_results.json; with clicks "
+                             "bench/volumes_results_clicks.json)")
     args = parser.parse_args(argv)
+    suffix = "_CLICKS" if args.corrections_as == "clicks" else ""
+    if args.out is None:
+        args.out = str(REPO / "docs" / f"EVALUATION_3D{suffix}.md")
+    if args.json is None:
+        args.json = str(REPO / "bench" / f"volumes_results{suffix.lower()}.json")
     warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.perf_counter()
-    results = run(args)
+    try:
+        results = run(args)
+    except NoClickModel as exc:
+        print(f"evaluate_volumes: {exc}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     gflops = matmul_gflops()
     machine_line = f"{machine()}, {gflops['peak']:.0f} GFLOP/s fp32 matmul"

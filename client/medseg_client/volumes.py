@@ -52,6 +52,7 @@ from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
 from medseg_client._optional import require
 from medseg_client.images import window_message, wire_dtype
 from medseg_client.masks import MaskEncoding, decode_mask, wire_encoding
+from medseg_client.prompts import _point
 from medseg_client.seg import DicomSegOptions, dicom_seg_message
 from medseg_client.wire import DICOM_SEG_ENCODING, DTYPE_TO_PB, MASK_ENCODINGS, VOLUME_FORMAT_TO_PB
 
@@ -349,18 +350,28 @@ class VolumeClient:
         slice_index: int | None = None,
         box: Sequence[float] | None = None,
         erase: Sequence[int] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
         encoding: int | MaskEncoding = pb.MASK_ENCODING_BITS,
         timeout: float | None = None,
     ) -> VolumeStream:
-        """Change a segment: add ``box`` on slice ``slice_index`` (re-segments from there), or
-        ``erase`` = ``(first, last)`` slices, inclusive; exactly one of the two. The stream
-        carries only the slices that changed (an empty mask: cleared), then the summary."""
-        adding = box is not None or slice_index is not None
-        if adding == (erase is not None):
-            raise ValueError("give exactly one action: slice_index + box (add a box), or erase=(first, last)")
+        """Change a segment: add ``box`` on slice ``slice_index`` (re-segments from there),
+        add clicks ``points`` on slice ``slice_index`` (``(x, y, label)``, label 1 foreground,
+        0 background; a model that takes point prompts), or ``erase`` = ``(first, last)``
+        slices, inclusive; exactly one of the three. The stream carries only the slices that
+        changed (an empty mask: cleared), then the summary."""
+        clicking = points is not None
+        adding = box is not None or (slice_index is not None and not clicking)
+        if adding + clicking + (erase is not None) != 1:
+            raise ValueError("give exactly one action: slice_index + box (add a box), slice_index + points (add "
+                             "clicks), or erase=(first, last)")
         request = vpb.RefineSegmentRequest(volume_id=str(volume_id), segment_id=str(segment_id),
                                            encoding=wire_encoding(encoding))
-        if adding:
+        if clicking:
+            if slice_index is None or not points:
+                raise ValueError("adding clicks needs slice_index and at least one point")
+            request.add_points.CopyFrom(vpb.AddPoints(slice_index=_index(slice_index, "slice_index"),
+                                                      points=[_point(p) for p in points]))
+        elif adding:
             if box is None or slice_index is None:
                 raise ValueError("adding a box needs both slice_index and box")
             request.add_box.CopyFrom(vpb.AddBox(slice_index=_index(slice_index, "slice_index"), box=_box(box)))
@@ -373,6 +384,12 @@ class VolumeClient:
                 **kwargs: Any) -> VolumeStream:
         """:meth:`refine_segment` with a box on another slice."""
         return self.refine_segment(volume_id, segment_id, slice_index=slice_index, box=box, **kwargs)
+
+    def add_points(self, volume_id: str, segment_id: str, slice_index: int, points: Sequence[Sequence[float]],
+                   **kwargs: Any) -> VolumeStream:
+        """:meth:`refine_segment` with clicks ``(x, y, label)`` on a slice (label 1: on the
+        structure, 0: not); they add to the clicks sent on that slice before."""
+        return self.refine_segment(volume_id, segment_id, slice_index=slice_index, points=points, **kwargs)
 
     def erase_slices(self, volume_id: str, segment_id: str, first: int, last: int, **kwargs: Any) -> VolumeStream:
         """:meth:`refine_segment` erasing slices ``first..last`` (inclusive)."""

@@ -21,7 +21,7 @@ from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import volumes_pb2 as vpb
 from service.core import errors
 from service.core.dicom_seg import SegOptions
-from service.core.domain import MaskEncoding
+from service.core.domain import MaskEncoding, Point
 from service.core.volume import FORMATS, VolumeSource
 from service.edge import convert
 from service.inference.studies import StudyRequest, StudyResult
@@ -245,13 +245,20 @@ def refine_request_from_proto(msg: vpb.RefineSegmentRequest) -> RefineRequest:
     volume_id, segment_id = _volume_id(msg.volume_id), _segment_id(msg.segment_id)
     action = msg.WhichOneof("action")
     if action is None:
-        raise errors.InvalidArgument("RefineSegment needs one action: add_box (a box on a slice) or erase "
-                                     "(a range of slices)")
+        raise errors.InvalidArgument("RefineSegment needs one action: add_box (a box on a slice), add_points "
+                                     "(clicks on a slice) or erase (a range of slices)")
     if action == "add_box":
         if not msg.add_box.HasField("box"):
             raise errors.InvalidArgument("add_box has no box: send the box on slice add_box.slice_index")
         return RefineRequest(volume_id, segment_id, slice_index=int(msg.add_box.slice_index),
                              box=convert.box_from_proto(msg.add_box.box), encoding=encoding)
+    if action == "add_points":
+        if not msg.add_points.points:
+            raise errors.InvalidArgument("add_points has no points: send at least one click on slice "
+                                         "add_points.slice_index")
+        points = tuple(Point(p.x, p.y, p.positive) for p in msg.add_points.points)
+        return RefineRequest(volume_id, segment_id, slice_index=int(msg.add_points.slice_index), points=points,
+                             encoding=encoding)
     first, last = _range(msg.erase, "erase")
     return RefineRequest(volume_id, segment_id, erase_first=first, erase_last=last, encoding=encoding)
 
@@ -383,7 +390,7 @@ def request_summary(msg: object) -> convert.RequestSummary:
     if isinstance(msg, vpb.SegmentVolumeRequest):
         return convert.RequestSummary(msg.model, 1 if msg.HasField("box") else 0)
     if isinstance(msg, vpb.RefineSegmentRequest):
-        return convert.RequestSummary(None, 1 if msg.WhichOneof("action") == "add_box" else None)
+        return convert.RequestSummary(None, 1 if msg.WhichOneof("action") in ("add_box", "add_points") else None)
     if isinstance(msg, vpb.SegmentStudyRequest):
         return convert.RequestSummary(msg.model, 1 if msg.HasField("box") else 0)
     return convert.RequestSummary()

@@ -1,9 +1,13 @@
 """3-D segmentation with a promptable 2-D model: anchors, interpolation, propagation.
 
 A segment of a volume is defined by its *interactions*: boxes the user drew on some slices
-(**anchors**) and slice ranges the user erased. From them a **plan** of pieces follows:
+(**anchors**), clicks on some slices and slice ranges the user erased. From them a **plan**
+of pieces follows:
 
-* each anchor slice is segmented with its own box;
+* each anchor slice is segmented with its own box; a slice the user clicked on is an anchor
+  too (:class:`Clicks`): its box (the anchor's, else the bounding box of its mask when first
+  clicked, else none) and every click on it, each click decoded with the previous round's
+  low-resolution logits as the mask prompt (SAM's interactive loop, replayed from the box);
 * between two neighbouring anchors (no erased slice between them) every slice is prompted
   with the hull of the two anchors' boxes (re-anchoring: corrected slices pull the slices
   between them back onto the structure);
@@ -22,7 +26,11 @@ The algorithm is written *sans-IO*, like :class:`service.inference.predictor.Sam
 :func:`run_piece` is a generator that yields :class:`Embed` and :class:`Decode` requests and
 receives their answers, so the gateway's async volume service (awaiting its backend), the
 evaluation and the pseudo-labels of ``training/`` (synchronous, :func:`drive`) run exactly
-the same steps. All boxes and masks here are in the volume's model orientation.
+the same steps. All boxes, clicks and masks here are in the volume's model orientation.
+Whether the model takes clicks is checked where every prompt is: the driver's decode
+(:func:`service.core.prompts.validate`: a model without point prompts refuses a
+:class:`Clicks` anchor's first round with clicks with ``UnsupportedPrompt``, before any piece
+beside that anchor runs).
 
 Pieces are keyed by everything they depend on (:attr:`Piece.key`), so a refinement
 recomputes only the pieces whose anchors, erased slices or bounds changed, and undo reuses
@@ -32,11 +40,11 @@ the results of the state it returns to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterable
+from typing import Callable, Generator, Iterable, Mapping
 
 import numpy as np
 
-from service.core.domain import Box, Prompt
+from service.core.domain import Box, Point, Prompt
 
 
 @dataclass(frozen=True)
@@ -180,23 +188,59 @@ def interpolated(a: Box, b: Box, t: float) -> Box:
 
 # --------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
+class Clicks:
+    """The prompt of an anchor the user clicked on: ``box`` (None: the slice had neither an
+    anchor box nor a mask when first clicked) and every click on the slice, in order.
+
+    Its slice is decoded in rounds: the box alone (when there is one), then for each click
+    ``i`` the box, clicks ``0..i`` and the previous round's low-res logits as ``mask_input``
+    (with :attr:`Rules.mask_prompt`; a model without mask prompts runs with it off). So the
+    last round's mask prompt is the slice's previous answer whenever the slice already was
+    this anchor, and the whole anchor follows from ``(box, points)`` alone (hashable, the
+    same on undo and redo). A slice first clicked where its mask came from propagation starts
+    from its mask's box alone, not from the propagated logits (pieces keep no logits but
+    their anchors')."""
+
+    box: Box | None
+    points: tuple[Point, ...]
+
+
+Anchor = Box | Clicks   # what an anchor slice is prompted with
+
+
+def anchor_box(anchor: Anchor) -> Box | None:
+    """The box an anchor was given (None: a :class:`Clicks` anchor without one)."""
+    return anchor if isinstance(anchor, Box) else anchor.box
+
+
+@dataclass(frozen=True)
 class Interaction:
-    """One step of a segment's history: a box on a slice, or erased slices [first, last]."""
+    """One step of a segment's history, exactly one of: a box on a slice
+    (``slice_index``, ``box``), clicks on a slice (``slice_index``, ``points``) or erased
+    slices ``erase`` = (first, last)."""
 
     slice_index: int | None = None
     box: Box | None = None
     erase: tuple[int, int] | None = None
+    points: tuple[Point, ...] = ()
 
 
 @dataclass(frozen=True)
 class State:
     """Everything a segment's masks follow from."""
 
-    anchors: tuple[tuple[int, Box], ...] = ()       # sorted by slice
+    anchors: tuple[tuple[int, Anchor], ...] = ()    # sorted by slice
     erased: frozenset[int] = frozenset()
     bounds: tuple[int, int] = (0, 0)                 # the slice range propagation may cover
 
-    def apply(self, step: Interaction) -> "State":
+    def apply(self, step: Interaction, masks: Mapping[int, "SliceResult"] | None = None) -> "State":
+        """The state after ``step``. A box replaces the slice's anchor (its clicks too); clicks
+        are added to the slice's anchor, or make the slice one whose box is that of its
+        current mask in ``masks`` (the segment's slices now; none there: no box). A box or
+        clicks on an erased slice un-erase it; erasing removes the anchors of the range."""
+        actions = (step.box is not None) + bool(step.points) + (step.erase is not None)
+        if actions != 1:
+            raise ValueError("an interaction is exactly one of: a box, clicks, or a slice range to erase")
         anchors = dict(self.anchors)
         erased = set(self.erased)
         if step.erase is not None:
@@ -204,22 +248,35 @@ class State:
             erased.update(range(lo, hi + 1))
             for k in range(lo, hi + 1):
                 anchors.pop(k, None)
+            return State(tuple(sorted(anchors.items())), frozenset(erased), self.bounds)
+        if step.slice_index is None:
+            raise ValueError("a box or clicks need their slice_index")
+        k = int(step.slice_index)
+        if step.box is not None:
+            anchors[k] = step.box
         else:
-            assert step.slice_index is not None and step.box is not None
-            anchors[step.slice_index] = step.box
-            erased.discard(step.slice_index)
+            old = anchors.get(k)
+            if isinstance(old, Clicks):
+                anchors[k] = Clicks(old.box, old.points + tuple(step.points))
+            elif isinstance(old, Box):
+                anchors[k] = Clicks(old, tuple(step.points))
+            else:
+                current = None if masks is None or k in erased else masks.get(k)
+                box = current.box if current is not None and current.area > 0 else None
+                anchors[k] = Clicks(box, tuple(step.points))
+        erased.discard(k)
         return State(tuple(sorted(anchors.items())), frozenset(erased), self.bounds)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of slices computed together. ``kind``: "anchor" (one slice, its box),
+    """A run of slices computed together. ``kind``: "anchor" (one slice, its box or clicks),
     "between" (slices strictly between two anchors), "tail" (from an anchor outwards,
     ``step`` +1 or -1, up to ``limit`` inclusive)."""
 
     kind: str
-    start: tuple[int, Box]
-    end: tuple[int, Box] | None = None
+    start: tuple[int, Anchor]
+    end: tuple[int, Anchor] | None = None
     step: int = 0
     limit: int = 0
 
@@ -231,6 +288,12 @@ class Piece:
     def needs(self) -> int | None:
         """The anchor slice whose result this piece starts from (None for an anchor)."""
         return None if self.kind == "anchor" else self.start[0]
+
+    @property
+    def needs_end(self) -> int | None:
+        """The anchor slice a "between" piece ends at (its result gives the box of a
+        :class:`Clicks` anchor without one); None for the other kinds."""
+        return self.end[0] if self.kind == "between" and self.end is not None else None
 
 
 def plan(state: State) -> list[Piece]:
@@ -284,15 +347,41 @@ class PieceResult:
 Steps = Generator[object, object, PieceResult]
 
 
-def run_piece(piece: Piece, rules: Rules, shape: tuple[int, int], start: PieceResult | None = None) -> Steps:
-    """Compute ``piece`` (``start``: the result of the anchor it starts from), yielding
-    :class:`Embed` / :class:`Decode` requests and :class:`SliceDone` events."""
+def neighbour_box(anchor: Anchor, result: PieceResult | None, k: int) -> Box | None:
+    """The box the pieces beside anchor slice ``k`` are prompted with: the anchor's own box,
+    else (clicks alone) its mask's bounding box in ``result``; None without either."""
+    box = anchor_box(anchor)
+    if box is not None:
+        return box
+    got = None if result is None else result.slices.get(k)
+    return got.box if got is not None and got.area > 0 else None
+
+
+def anchor_rounds(anchor: Anchor) -> list[Prompt]:
+    """The prompts an anchor slice is decoded with, in order (see :class:`Clicks`); each
+    round after the first gets the previous round's logits as ``mask_input`` (with
+    :attr:`Rules.mask_prompt`)."""
+    if isinstance(anchor, Box):
+        return [Prompt(box=anchor)]
+    rounds = [] if anchor.box is None else [Prompt(box=anchor.box)]
+    return rounds + [Prompt(box=anchor.box, points=anchor.points[:i]) for i in range(1, len(anchor.points) + 1)]
+
+
+def run_piece(piece: Piece, rules: Rules, shape: tuple[int, int], start: PieceResult | None = None,
+              end: PieceResult | None = None) -> Steps:
+    """Compute ``piece`` (``start``: the result of the anchor it starts from; ``end``: of the
+    anchor a "between" piece ends at), yielding :class:`Embed` / :class:`Decode` requests and
+    :class:`SliceDone` events."""
     height, width = shape
     out = PieceResult()
     if piece.kind == "anchor":
-        k, box = piece.start
+        k, anchor = piece.start
         emb = yield Embed(k)
-        got = yield Decode(k, emb, Prompt(box=box))
+        got = None
+        for prompt in anchor_rounds(anchor):
+            if got is not None and rules.mask_prompt:
+                prompt = Prompt(box=prompt.box, points=prompt.points, mask_input=got.logits)
+            got = yield Decode(k, emb, prompt)
         out.slices[k] = SliceResult.of(got.mask, got.iou)
         out.last_logits, out.feature = got.logits, got.feature
         yield SliceDone(k, out.slices[k])
@@ -302,7 +391,13 @@ def run_piece(piece: Piece, rules: Rules, shape: tuple[int, int], start: PieceRe
     prev = start.slices.get(k0)
     logits = start.last_logits
     if piece.kind == "between":
-        (k0, b0), (k1, b1) = piece.start, piece.end
+        (k0, a0), (k1, a1) = piece.start, piece.end
+        b0, b1 = neighbour_box(a0, start, k0), neighbour_box(a1, end, k1)
+        if b0 is None or b1 is None:   # an anchor of clicks alone whose mask is empty: the other's box
+            b0 = b1 = b0 if b0 is not None else b1
+        if b0 is None:
+            out.stop_reason = "between anchors"
+            return out
         for j in range(k0 + 1, k1):
             if rules.between_box == "hull":
                 box = Box(min(b0.x0, b1.x0), min(b0.y0, b1.y0), max(b0.x1, b1.x1), max(b0.y1, b1.y1))
@@ -321,7 +416,8 @@ def run_piece(piece: Piece, rules: Rules, shape: tuple[int, int], start: PieceRe
         return out
     # a tail: propagate from the anchor outwards
     j = k0
-    offset = anchor_offset(piece.start[1], prev.box, rules) if prev is not None else (0.0,) * 4
+    own = neighbour_box(piece.start[1], start, k0)
+    offset = anchor_offset(own, prev.box, rules) if prev is not None and own is not None else (0.0,) * 4
     reference = start.feature
     while True:
         if prev is None or prev.area < rules.min_area_px:
@@ -332,8 +428,8 @@ def run_piece(piece: Piece, rules: Rules, shape: tuple[int, int], start: PieceRe
             out.stop_reason = "range end"
             return out
         box = grown(prev.box, rules, height, width, offset)
-        if rules.tail_box == "anchor":
-            box = piece.start[1]
+        if rules.tail_box == "anchor" and own is not None:
+            box = own
         emb = yield Embed(j)
         got = yield Decode(j, emb, Prompt(box=box, mask_input=logits if rules.mask_prompt else None))
         area = int(np.count_nonzero(got.mask))
@@ -384,10 +480,12 @@ def run_state(state: State, rules: Rules, shape: tuple[int, int],
         if piece.key in done:
             results[piece.key] = done[piece.key]
             continue
-        start = None
+        start = end = None
         if piece.needs is not None:
             start = results[anchors[piece.needs].key]
-        results[piece.key] = yield from run_piece(piece, rules, shape, start)
+        if piece.needs_end is not None:
+            end = results[anchors[piece.needs_end].key]
+        results[piece.key] = yield from run_piece(piece, rules, shape, start, end)
     return results
 
 

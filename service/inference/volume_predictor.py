@@ -82,8 +82,16 @@ class Segment:
         self.results: dict[tuple, prop.PieceResult] = {}
 
     def apply(self, step: prop.Interaction) -> np.ndarray:
-        """Apply ``step``; returns the segment's bool ``(Z, H, W)`` masks (model orientation)."""
-        self.state = self.state.apply(step)
-        self.results = self.vp.run(self.state, self.done)
-        self.done.update(self.results)
-        return self.vp.masks(self.results)
+        """Apply ``step`` (clicks: in model-orientation pixels of their slice); returns the
+        segment's bool ``(Z, H, W)`` masks (model orientation). A step the model refuses (e.g.
+        clicks for a model without point prompts: ``UnsupportedPrompt``) leaves the segment
+        as it was."""
+        state = self.state.apply(step, self.slices())
+        results = self.vp.run(state, self.done)
+        self.state, self.results = state, results
+        self.done.update(results)
+        return self.vp.masks(results)
+
+    def slices(self) -> dict[int, prop.SliceResult]:
+        """The segment's slices now (those with a result)."""
+        return prop.slices_of(self.results.values())

@@ -1,4 +1,5 @@
-"""Volumes in the gateway: upload once, segment in 3-D (streamed), refine, undo, fetch.
+"""Volumes in the gateway: upload once, segment in 3-D (streamed), refine (a box, clicks or
+an erase), undo, fetch.
 
 The 3-D work is the algorithm of :mod:`service.inference.propagation` (anchors, boxes
 interpolated between them, propagation beyond them), driven here through the gateway's
@@ -18,6 +19,7 @@ input convention of :mod:`service.core.volume`; inside, model orientation.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import numpy as np
 from service.backends.base import Backend
 from service.core import errors
 from service.core.dicom_seg import SegOptions
-from service.core.domain import Box, MaskEncoding, Window
+from service.core.domain import Box, MaskEncoding, Point, PromptKind, Window
 from service.core.mask_codec import encode_mask
 from service.core.prompts import check_box
 from service.core.segmenter_io import postprocess, preprocess
@@ -44,6 +46,7 @@ from service.inference.segmenter_pipeline import SegmenterPipeline
 from service.inference.volume_store import InProcessVolumeStore, StoredVolume, VolumeStore
 
 HISTORY = 32            # interactions a session keeps (undo steps)
+MAX_SLICE_CLICKS = 64   # clicks one slice's anchor may hold (each is a decoder round when it is recomputed)
 SEGMENTER_BATCH = 8     # slices per prompt-free segmenter call (when its entry batches)
 
 
@@ -77,12 +80,14 @@ class SegmentVolumeRequest:
 class RefineRequest:
     volume_id: str
     segment_id: str
-    # exactly one action: a box on another slice, or erasing slices [erase_first, erase_last]
+    # exactly one action: a box on another slice, clicks on a slice (input-convention pixels
+    # of slice_index), or erasing slices [erase_first, erase_last]
     slice_index: int | None = None
     box: Box | None = None
     erase_first: int | None = None
     erase_last: int | None = None
     encoding: MaskEncoding = MaskEncoding.COCO_RLE
+    points: tuple[Point, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,37 @@ class VolumeService:
         checked = check_box(box, 0, h, w)
         return volume.box_to_model(checked)
 
+    @staticmethod
+    def _model_points(volume: Volume, pipeline: SamPipeline, points: tuple[Point, ...], k: int) -> tuple[Point, ...]:
+        """Clicks on slice ``k`` (input convention) -> model orientation, or the client error of
+        a model without point prompts or a click off the slice."""
+        info = pipeline.info
+        if PromptKind.POINT not in info.prompt_kinds:
+            kinds = ", ".join(sorted(kind.value for kind in info.prompt_kinds))
+            raise errors.UnsupportedPrompt(f"model {info.name!r} does not accept point prompts; it accepts {kinds} "
+                                           "(see ListModels): refine its segment with a box or an erase")
+        h, w = volume.input_slice_shape
+        out = []
+        for p in points:
+            if not (math.isfinite(p.x) and math.isfinite(p.y) and 0 <= p.x <= w and 0 <= p.y <= h):
+                raise errors.InvalidPrompt(f"point ({p.x:g}, {p.y:g}) is outside slice {k} ({w}x{h}, "
+                                           "input-convention pixels)")
+            m = volume.box_to_model(Box(p.x, p.y, p.x, p.y))   # a point is a box of no size
+            out.append(Point(m.x0, m.y0, bool(p.positive)))
+        return tuple(out)
+
+    @staticmethod
+    def _check_clicks(session: Session, step: prop.Interaction) -> None:
+        """At most :data:`MAX_SLICE_CLICKS` clicks on one slice's anchor (a client error)."""
+        if not step.points:
+            return
+        k = int(step.slice_index)
+        anchor = dict(session.state.anchors).get(k)
+        held = len(anchor.points) if isinstance(anchor, prop.Clicks) else 0
+        if held + len(step.points) > MAX_SLICE_CLICKS:
+            raise errors.InvalidPrompt(f"slice {k} would hold {held + len(step.points)} clicks; the limit is "
+                                       f"{MAX_SLICE_CLICKS} (draw a box there to start it afresh)")
+
     def _bounds(self, volume: Volume, first: int | None, last: int | None, k: int | None) -> tuple[int, int]:
         lo = 0 if first is None else self._slice(volume, first, "range.first")
         hi = volume.depth - 1 if last is None else self._slice(volume, last, "range.last")
@@ -313,11 +349,15 @@ class VolumeService:
         if isinstance(pipeline, SegmenterPipeline):
             raise errors.InvalidArgument(f"segments of the prompt-free model {session.model!r} cannot be refined; "
                                          "segment with a promptable model (ListModels) to refine")
-        if (request.box is None) == (request.erase_first is None):
-            raise errors.InvalidArgument("send exactly one refinement: a box on a slice, or a slice range to erase")
+        if (request.box is not None) + bool(request.points) + (request.erase_first is not None) != 1:
+            raise errors.InvalidArgument("send exactly one refinement: a box on a slice, clicks on a slice, or a slice "
+                                         "range to erase")
         if request.box is not None:
             k = self._slice(volume, request.slice_index, "slice_index")
             step = prop.Interaction(k, self._model_box(volume, request.box, k))
+        elif request.points:
+            k = self._slice(volume, request.slice_index, "slice_index")
+            step = prop.Interaction(k, points=self._model_points(volume, pipeline, request.points, k))
         else:
             lo = self._slice(volume, request.erase_first, "erase.first")
             hi = self._slice(volume, request.erase_last if request.erase_last is not None else lo, "erase.last")
@@ -325,6 +365,7 @@ class VolumeService:
                 raise errors.InvalidArgument(f"erase.first {lo} is after erase.last {hi}")
             step = prop.Interaction(erase=(lo, hi))
         async with session.lock:
+            self._check_clicks(session, step)   # the clicks the slice holds now, under the lock
             async for item in self._interact(stored, pipeline, session, step, request.encoding):
                 yield item
 
@@ -373,7 +414,7 @@ class VolumeService:
         """Apply ``step`` (None: undo the last one), stream the slices that changed, then the
         summary. The session changes only when the whole state has been computed."""
         volume = stored.volume
-        state = session.history[-2] if step is None else session.state.apply(step)
+        state = session.history[-2] if step is None else session.state.apply(step, session.slices)
         run = _Run()
         steps = prop.run_state(state, prop.Rules(), volume.slice_shape, session.done)
         before = session.slices
@@ -502,7 +543,7 @@ class VolumeService:
         with self._metrics.stage("mask_decoder", pipeline.info.name):
             results = [(indices, await self._backend.infer(call.model, call.inputs, call.outputs, self._timeout))
                        for indices, call in predictor.decoder_calls(embedding, checked)]
-        logits, ious = predictor.logits_from(results, 1)
+        logits, ious = predictor.logits_from(results, checked)
 
         def finish() -> prop.Decoded:
             mask = predictor.masks(logits, embedding.frame)[0]
