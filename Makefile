@@ -41,8 +41,8 @@ $(MODELS) &: export/triton_python_model.py service/backends/runtimes.py | instal
 # or on a bare clone without ../shared the agreement with fp32 on the images shipped with pydicom
 # (the export says which). A failed guard leaves it out (the fp32 model still serves) and
 # tests/integration/test_encoder_variants.py fails.
-BF16_MODEL := $(REPO)/medsam_lite_bf16_encoder/1/model.onnx
-$(BF16_MODEL): $(MODELS)
+BF16_MODEL := $(REPO)/medsam_lite_bf16_encoder/1/model.onnx $(REPO)/medsam_lite_bf16_decoder/1/model.onnx
+$(BF16_MODEL) &: $(MODELS)
 	-$(PY) -m export medsam_lite_bf16 --repository $(REPO)
 
 models: install $(MODELS) $(BF16_MODEL)

@@ -140,7 +140,10 @@ def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
     return {name: dev_dice(fp32.with_encoder(read_entry(repo / name)), SHARED_DATA / "dev") for name in encoders}
 
 
-VOLUMES_BEGIN, VOLUMES_END = "<!-- volumes:begin -->", "<!-- volumes:end -->"  # as bench/volume_bench.py
+# Sections other scripts write into the same report (their own runs), kept as they are.
+KEPT_SECTIONS = (("<!-- volumes:begin -->", "<!-- volumes:end -->"),  # bench/volume_bench.py
+                 ("<!-- bf16-decoder:begin -->", "<!-- bf16-decoder:end -->"))  # bench/bf16_decoder.py
+VOLUMES_BEGIN, VOLUMES_END = KEPT_SECTIONS[0]
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -149,9 +152,10 @@ def write_report(results: dict, out: Path) -> None:
     if notes.is_file():  # the hand-kept method and findings, after this run's tables
         text += "\n" + notes.read_text()
     kept = out.read_text() if out.is_file() else ""
-    begin, end = kept.find(VOLUMES_BEGIN), kept.find(VOLUMES_END)
-    if 0 <= begin < end:  # bench/volume_bench.py's section (its own run) stays
-        text = text.rstrip("\n") + "\n\n" + kept[begin:end + len(VOLUMES_END)] + "\n"
+    for opening, closing in KEPT_SECTIONS:
+        begin, end = kept.find(opening), kept.find(closing)
+        if 0 <= begin < end:
+            text = text.rstrip("\n") + "\n\n" + kept[begin:end + len(closing)] + "\n"
     out.write_text(text)
     print(text)
 

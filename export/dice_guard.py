@@ -14,8 +14,9 @@ evidence :func:`export.dev_cases.check_evidence` finds, and the guard prints whi
   already gives a box-shaped mask, so the threshold sits between the two groups, not near 1.
 
 Both sides run the gateway's own steps: :class:`service.inference.predictor.SamPredictor`
-(built with ``SamPredictor.from_repository``, a variant with ``predictor.with_encoder`` or a
-``Run`` of other sessions, e.g. TensorRT engines), so the guard measures what is served.
+(built with ``SamPredictor.from_repository``, a variant with ``predictor.with_encoder``, plus
+``.with_decoder`` for a variant with its own prompt decoder such as BF16, or a ``Run`` of other
+sessions, e.g. TensorRT engines), so the guard measures the whole variant as it is served.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def check_agreement(agreement: list[float], what: str, limit: float = MIN_AGREEM
 
 def guard_variant(base: SamPredictor, variant: SamPredictor, evidence: Evidence, what: str) -> float:
     """The variant guard on ``evidence``, printing which evidence decided: dev-case Dice drop
-    (returned) or agreement with ``base`` on shipped images (the mean Dice, returned)."""
+    (returned) or agreement with ``base`` on shipped images (the mean Dice, returned).
+    ``variant`` is the whole variant: its encoder and the decoder it is served with."""
     if evidence.kind == "dev":
         print(f"{what} evidence: dev-case Dice against the reference masks, {evidence.describe()}")
         masks = {"base": evidence_masks(base, evidence), "variant": evidence_masks(variant, evidence)}

@@ -1,18 +1,24 @@
-"""Faster CPU variants of the LiteMedSAM image encoder, each behind the dev Dice guard.
+"""Faster CPU variants of LiteMedSAM, each behind the dev Dice guard.
 
 * ``medsam_lite_int8``: ONNX Runtime dynamic quantisation of the encoder's MatMul/Gemm weights
   (int8, activations quantised per call; VNNI u8s8 kernels). Convolutions stay fp32: static
-  QDQ of the whole encoder broke the embeddings (measured, docs/BENCHMARKS.md).
-* ``medsam_lite_bf16``: the fp32 ONNX file run by OpenVINO with BF16 inference precision
+  QDQ of the whole encoder broke the embeddings (measured, docs/BENCHMARKS.md). It shares the
+  fp32 prompt decoder (``medsam_lite_decoder``).
+* ``medsam_lite_bf16``: the fp32 ONNX files run by OpenVINO with BF16 inference precision
   (``inference_runtime: openvino``, ``inference_precision: bf16`` in config.pbtxt): matrix
   products in BF16 on CPUs with AVX512-BF16 or AMX, accumulation and sensitive ops in fp32.
+  Both its image encoder and its prompt decoder: it has its own decoder entry
+  ``medsam_lite_bf16_decoder``, a copy of the fp32 decoder's file (:attr:`EncoderVariant.decoder_runtime`;
+  bench/bf16_decoder.py measures that decoder against the fp32 one).
 
-Each is served as its own model sharing the fp32 prompt decoder, and is written only if it
-passes its guard (:func:`export.dice_guard.guard_variant`): with the dev cases, a mean Dice
-(reference-box prompts) at most ``MAX_DICE_DROP`` below the fp32 encoder's; on a bare clone
+Each is served as its own model (its encoder entry names its decoder in ``medseg.decoder``), and
+is written only if it passes its guard (:func:`export.dice_guard.guard_variant`), which runs the
+whole variant (its encoder, and its own decoder where it has one): with the dev cases, a mean
+Dice (reference-box prompts) at most ``MAX_DICE_DROP`` below the fp32 model's; on a bare clone
 without them, a mean agreement (Dice) of at least ``MIN_AGREEMENT`` with the fp32 model's masks
-on the images shipped with pydicom. The guard prints which evidence it used. Both are CPU
-variants: on GPU nodes the TensorRT FP16 engines play this role.
+on the images shipped with pydicom. The guard prints which evidence it used; a failed guard
+writes nothing (neither file). Both are CPU variants: on GPU nodes the TensorRT FP16 engines
+play this role.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from export.dev_cases import check_evidence
 from export.dice_guard import MAX_DICE_DROP, MIN_AGREEMENT, guard_variant
 from export.medsam_lite import export_medsam_lite, medsam_lite_entries
 from export.options import ExportOptions
-from export.triton_config import write_config
-from service.backends.repository import ONNX_FILENAME, RuntimeParameters
+from export.memory_probe import write_measured_config
+from service.backends.repository import ONNX_FILENAME, RepositoryEntry, RuntimeParameters
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +48,59 @@ def _quantize_int8(fp32: Path, out: Path) -> None:
 @dataclass(frozen=True)
 class EncoderVariant:
     name: str                       # gateway model name; the encoder entry is NAME_encoder
-    version_suffix: str             # appended to the fp32 model's version
+    version_suffix: str             # appended to the fp32 model's version (and its decoder's, if it has its own)
     description: str                # appended to the fp32 description
     write: Callable[[Path, Path], None]  # (fp32 ONNX, output ONNX)
     runtime: RuntimeParameters      # how the runtimes run the entry (see service/backends/runtimes.py)
+    # None: the variant shares the fp32 prompt decoder. Set: it has its own decoder entry
+    # NAME_decoder, run this way (e.g. OpenVINO BF16), written by decoder_write from the fp32
+    # decoder's ONNX file (default: a copy of it).
+    decoder_runtime: RuntimeParameters | None = None
+    decoder_write: Callable[[Path, Path], None] = shutil.copyfile
 
 
+OPENVINO_BF16 = RuntimeParameters(runtime="openvino", precision="bf16")
 VARIANTS = {
     "medsam_lite_int8": EncoderVariant(
         "medsam_lite_int8", "-int8", "INT8 encoder (dynamic MatMul quantisation, ONNX Runtime) for CPUs with VNNI",
         _quantize_int8, RuntimeParameters()),
     "medsam_lite_bf16": EncoderVariant(
-        "medsam_lite_bf16", "-bf16", "BF16 encoder (OpenVINO, BF16 inference precision) for CPUs with AVX512-BF16 "
-        "or AMX", shutil.copyfile, RuntimeParameters(runtime="openvino", precision="bf16")),
+        "medsam_lite_bf16", "-bf16", "BF16 encoder and prompt decoder (OpenVINO, BF16 inference precision) for CPUs "
+        "with AVX512-BF16 or AMX", shutil.copyfile, OPENVINO_BF16, decoder_runtime=OPENVINO_BF16),
 }
+
+
+def variant_entries(variant: EncoderVariant, fp32_encoder: RepositoryEntry, fp32_decoder: RepositoryEntry
+                    ) -> tuple[RepositoryEntry, RepositoryEntry | None]:
+    """``variant``'s encoder entry and its own decoder entry (``None``: it shares ``fp32_decoder``,
+    which its encoder then names), derived from the fp32 LiteMedSAM entries."""
+    decoder = None
+    if variant.decoder_runtime is not None:
+        g = fp32_decoder.gateway
+        decoder = replace(fp32_decoder, name=f"{variant.name}_decoder", runtime=variant.decoder_runtime,
+                          gateway=replace(g, model=variant.name, version=g.version + variant.version_suffix))
+    g = fp32_encoder.gateway
+    encoder = replace(fp32_encoder, name=f"{variant.name}_encoder", runtime=variant.runtime, gateway=replace(
+        g, model=variant.name, decoder=(decoder or fp32_decoder).name, version=g.version + variant.version_suffix,
+        description=f"{g.description}; {variant.description}"))
+    return encoder, decoder
+
+
+def _staged(out: Path) -> tuple[Path, list[Path]]:
+    """The temporary file beside ``out`` to write first, and the folders made for it (removed
+    again, if still empty, when the variant is refused)."""
+    made = [d for d in (out.parent.parent, out.parent) if not d.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_suffix(".tmp.onnx"), made
 
 
 def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_dir: Path | None = None,
                            limit: int | None = None) -> list[Path]:
-    """Write ``variant``'s encoder entry next to the fp32 LiteMedSAM entries (exported first if
-    missing) if it passes its guard on ``limit`` images (all by default) of the evidence found
-    for ``data_dir`` (default: ``opts.data_dir``, else ``../shared/data/dev``; without dev cases
-    the shipped images); raises ``RuntimeError`` (nothing written) if it fails."""
+    """Write ``variant``'s encoder entry (and its own decoder entry, if it has one) next to the
+    fp32 LiteMedSAM entries (exported first if missing) if the whole variant passes its guard on
+    ``limit`` images (all by default) of the evidence found for ``data_dir`` (default:
+    ``opts.data_dir``, else ``../shared/data/dev``; without dev cases the shipped images); raises
+    ``RuntimeError`` (nothing written) if it fails."""
     if opts.target != "cpu":
         raise ValueError(f"{variant.name} is a CPU variant; on GPU nodes use medsam_lite_tensorrt")
     fp32_entry, decoder_entry = medsam_lite_entries()
@@ -71,28 +108,44 @@ def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_di
     decoder = opts.repository / decoder_entry.name / str(opts.version) / ONNX_FILENAME
     if not (fp32.is_file() and decoder.is_file()):
         export_medsam_lite(replace(opts, force=False))
-    fp32_gateway = fp32_entry.gateway
-    entry = replace(fp32_entry, name=f"{variant.name}_encoder", runtime=variant.runtime, gateway=replace(
-        fp32_gateway, model=variant.name, decoder=decoder_entry.name,
-        version=fp32_gateway.version + variant.version_suffix,
-        description=f"{fp32_gateway.description}; {variant.description}"))
-    out = opts.repository / entry.name / str(opts.version) / ONNX_FILENAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.onnx")
-    variant.write(fp32, tmp)
+    entry, own_decoder = variant_entries(variant, fp32_entry, decoder_entry)
+    # (entry, source ONNX, writer): the encoder, then the variant's own decoder
+    parts = [(entry, fp32, variant.write)] + ([(own_decoder, decoder, variant.decoder_write)] if own_decoder else [])
+    staged: list[tuple[RepositoryEntry, Path, Path]] = []  # (entry, temporary file, final file)
+    made: list[Path] = []
     from service.inference.predictor import SamPredictor
 
-    fp32_predictor = SamPredictor.from_repository(opts.repository, "medsam_lite", version=opts.version)
     try:
+        for part, source, write in parts:
+            out = opts.repository / part.name / str(opts.version) / ONNX_FILENAME
+            tmp, folders = _staged(out)
+            made += folders
+            staged.append((part, tmp, out))
+            write(source, tmp)
+        fp32_predictor = SamPredictor.from_repository(opts.repository, "medsam_lite", version=opts.version)
+        candidate = fp32_predictor.with_encoder(entry, staged[0][1])
+        if own_decoder is not None:
+            candidate = candidate.with_decoder(own_decoder, staged[1][1])
         evidence = check_evidence(data_dir if data_dir is not None else opts.data_dir, limit)
-        score = guard_variant(fp32_predictor, fp32_predictor.with_encoder(entry, tmp), evidence, f"{variant.name} guard")
+        score = guard_variant(fp32_predictor, candidate, evidence, f"{variant.name} guard")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for _, tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else is in it
+                pass
         raise
     passed = (f"mean Dice within {MAX_DICE_DROP} of fp32 on {evidence.images} dev cases (drop {score:+.4f})"
               if evidence.kind == "dev" else
               f"no dev cases at export: mean mask Dice {score:.4f} (>= {MIN_AGREEMENT}) with fp32 on "
               f"{len(evidence.items)} prompts of {evidence.images} images shipped with pydicom")
     entry = replace(entry, gateway=replace(entry.gateway, description=f"{entry.gateway.description}, {passed}"))
-    tmp.replace(out)
-    return [out, write_config(opts.repository, entry, opts.target, version=opts.version)]
+    for _, tmp, out in staged:
+        tmp.replace(out)
+    # Its own decoder first: the encoder entry, once written, makes the model servable and names it.
+    written = [out for _, _, out in staged]
+    for part in ([own_decoder] if own_decoder is not None else []) + [entry]:
+        written.append(write_measured_config(opts.repository, part, opts.target, opts.version))
+    return written

@@ -25,7 +25,7 @@ from export.onnx_io import export_onnx
 from export.prompt_decoder import DYNAMIC_AXES, PromptDecoderForExport, decoder_entry, example_inputs
 from export.options import ExportOptions
 from export.timm_shim import install as _install_timm_shim
-from export.memory_probe import write_measured_config
+from export.triton_config import write_config
 from service.backends.repository import GatewayParameters, RepositoryEntry, Role, TensorSpec
 from service.core.domain import PromptKind
 
@@ -144,6 +144,8 @@ def export_medsam_lite(opts: ExportOptions) -> list[Path]:
         export_onnx(DecoderForExport(net), example_decoder_inputs(), ["low_res_masks", "iou_predictions"],
                     DYNAMIC_AXES, dec_path)
         written.append(dec_path)
+    # Not measured (medseg.memory_bytes): these two configs are committed and must not depend on the
+    # machine that exported them; the start-up check estimates them from their files.
     for entry in (encoder_entry, decoder_entry):
-        written.append(write_measured_config(opts.repository, entry, opts.target, opts.version))
+        written.append(write_config(opts.repository, entry, opts.target, version=opts.version))
     return written

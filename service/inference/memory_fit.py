@@ -6,7 +6,8 @@ start with a message naming the models and the figures.
 
 What an entry needs is ``medseg.memory_bytes`` in its config.pbtxt: the peak resident set it
 added when loaded and run once, measured in a child process at export
-(:mod:`export.memory_probe`); an entry exported before that figure existed is estimated at
+(:mod:`export.memory_probe`); an entry without it (LiteMedSAM's committed configs, which must not
+depend on the machine that exported them, or an older export) is estimated at
 :data:`UNMEASURED_FACTOR` times its ONNX file. What the gateway may use is
 ``--memory-limit-bytes``, or by default the container's cgroup limit (``memory.max``, v2, or
 ``memory.limit_in_bytes``, v1), or without one the machine's RAM; what is left is that minus

@@ -62,6 +62,9 @@ def test_parity_and_the_bf16_guard_decide_on_shipped_images_without_the_data_fol
     entry = RepositoryEntry.read(fp32_repository / "medsam_lite_bf16_encoder")
     assert entry.onnx_path().is_file()
     assert "no dev cases at export: mean mask Dice" in entry.gateway.description
+    decoder = RepositoryEntry.read(fp32_repository / "medsam_lite_bf16_decoder")  # its own, judged with it
+    assert entry.gateway.decoder == decoder.name and decoder.onnx_path().is_file()
+    assert (decoder.runtime.runtime, decoder.runtime.precision) == ("openvino", "bf16")
 
 
 def _write_zeroed_encoder(fp32: Path, out: Path) -> None:

@@ -13,6 +13,8 @@ import pytest
 
 from bench.run_benchmarks import Images, bench_default_model
 from medseg_client import SegmentationClient, image_from_array
+from service.backends.embedded import LABELS
+from service.backends.repository import SamModel, discover
 from service.inference.model_choice import AUTO, PREFERENCE, cpu_flags, runs_natively
 from tests.harness import GatewayProcess
 
@@ -67,6 +69,17 @@ def test_auto_defaults_to_one_present_variant_this_cpu_runs_natively(model_repos
         assert set(times) == set(natively) and times[chosen] == min(times.values())
         assert "fastest measured" in line and "embedded backend" in line
     print(line)
+
+
+def test_each_entry_is_loaded_once_on_the_runtime_it_names(model_repository, auto_gateway):
+    """Variants sharing the fp32 decoder (INT8) do not load it again; one with its own decoder
+    (BF16, OpenVINO) loads that one, on its runtime."""
+    loaded = re.findall(r"loaded (\S+) on (ONNX Runtime|OpenVINO)", auto_gateway.log())
+    names = [name for name, _ in loaded]
+    assert len(names) == len(set(names)), names
+    want = {e.name: LABELS[e.runtime.runtime] for m in discover(model_repository, "auto").values()
+            if isinstance(m, SamModel) for e in (m.encoder, m.decoder)}
+    assert {k: v for k, v in loaded if k in want} == want
 
 
 def test_the_benchmark_measures_the_model_the_gateway_chose(auto_gateway):

@@ -1,19 +1,27 @@
-"""The BF16 encoder variant, exported behind its Dice guard into a scratch repository, served
-by a real gateway (embedded: OpenVINO in process) and by a real tritonserver (python backend
-running the same runtime module): listed, selectable per request, close to fp32, and equal
-through both paths."""
+"""The BF16 variant (encoder and its own prompt decoder), exported behind its Dice guard into a
+scratch repository, served by a real gateway (embedded: OpenVINO in process) and by a real
+tritonserver (python backend running the same runtime module): written with its BF16 decoder
+entry, judged with it, listed, selectable per request, close to fp32, and equal through both
+paths."""
 
 from __future__ import annotations
 
+import filecmp
+import re
 import shutil
+from collections import Counter
 
 import grpc
 import numpy as np
 import pytest
 
+from export import encoder_variants
 from export.dev_cases import iou, load_cases, reference_box
+from export.dice_guard import guard_variant
 from export.encoder_variants import VARIANTS, export_encoder_variant
 from export.options import ExportOptions
+from service.backends.repository import RepositoryEntry, Role, SamModel, discover
+from service.inference.predictor import ModelCall, SamPredictor
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
 from medseg_client import SegmentationClient, image_from_array
@@ -26,15 +34,64 @@ BF16 = "medsam_lite_bf16"
 
 
 @pytest.fixture(scope="module")
-def variant_repository(model_repository, tmp_path_factory, shared_data):
+def bf16_export(model_repository, tmp_path_factory, shared_data):
+    """The BF16 export into a scratch repository, with what its guard ran: the variant
+    predictor's entries and its model calls by repository model."""
     repo = tmp_path_factory.mktemp("variants") / "repo"
     for name in ("medsam_lite_encoder", "medsam_lite_decoder"):
         shutil.copytree(model_repository / name, repo / name)
+    guarded: dict = {"calls": Counter()}
+
+    def spy(base, variant, evidence, what):
+        def run(model, feeds, outputs):
+            guarded["calls"][model] += 1
+            return variant.call(ModelCall(model, feeds, outputs))
+
+        guarded.update(model=variant.model, items=len(evidence.items))
+        return guard_variant(base, SamPredictor(variant.model, run), evidence, what)
+
     # The guard on all 40 dev cases, as in `python -m export medsam_lite_bf16`: on a handful of
     # cases per-case noise (|delta Dice| up to 0.04 either way) can exceed the 0.005 mean limit.
-    export_encoder_variant(VARIANTS[BF16], ExportOptions(repository=repo, cache_dir=REPO / ".cache"),
-                           shared_data / "dev")
-    return repo
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoder_variants, "guard_variant", spy)
+        written = export_encoder_variant(VARIANTS[BF16], ExportOptions(repository=repo, cache_dir=REPO / ".cache"),
+                                         shared_data / "dev")
+    return repo, guarded, written
+
+
+@pytest.fixture(scope="module")
+def variant_repository(bf16_export):
+    return bf16_export[0]
+
+
+def test_the_bf16_variant_is_written_with_its_own_bf16_decoder(bf16_export):
+    repo, _, written = bf16_export
+    encoder = RepositoryEntry.read(repo / f"{BF16}_encoder")
+    decoder = RepositoryEntry.read(repo / f"{BF16}_decoder")
+    fp32_decoder = RepositoryEntry.read(repo / "medsam_lite_decoder")
+    assert encoder.gateway.decoder == decoder.name == f"{BF16}_decoder"
+    assert (decoder.gateway.model, decoder.gateway.role) == (BF16, Role.PROMPT_DECODER)
+    assert (decoder.runtime.runtime, decoder.runtime.precision) == ("openvino", "bf16")
+    assert (encoder.runtime.runtime, encoder.runtime.precision) == ("openvino", "bf16")
+    assert decoder.gateway.version == fp32_decoder.gateway.version + "-bf16"
+    assert decoder.gateway.memory_bytes > 0 and encoder.gateway.memory_bytes > 0  # measured at export
+    # a copy of the fp32 decoder's file, with the python-backend files beside it for Triton
+    assert filecmp.cmp(decoder.onnx_path(), fp32_decoder.onnx_path(), shallow=False)
+    assert {"model.onnx", "model.py", "medseg_runtimes.py"} <= {p.name for p in (repo / decoder.name / "1").iterdir()}
+    assert not list(repo.rglob("*.tmp.onnx"))
+    assert {encoder.onnx_path(), decoder.onnx_path(), repo / encoder.name / "config.pbtxt",
+            repo / decoder.name / "config.pbtxt"} == set(written)
+    model = discover(repo, "medsam_lite")[BF16]
+    assert isinstance(model, SamModel) and model.decoder.name == decoder.name
+
+
+def test_the_guard_judged_the_bf16_encoder_and_decoder_together(bf16_export):
+    _, guarded, _ = bf16_export
+    model = guarded["model"]
+    assert model.encoder.name == f"{BF16}_encoder" and model.decoder.name == f"{BF16}_decoder"
+    assert model.decoder.runtime.runtime == "openvino" and model.decoder.runtime.precision == "bf16"
+    n = guarded["items"]
+    assert n == 40 and guarded["calls"] == {f"{BF16}_encoder": n, f"{BF16}_decoder": n}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +113,13 @@ def _cases(shared_data, n: int = 6):
     for case in load_cases(shared_data / "dev")[::40 // n][:n]:
         b = reference_box(case.mask)
         yield case, image_from_array(case.image), [(b.x0, b.y0, b.x1, b.y1)]
+
+
+def test_the_gateway_loads_each_entry_once_the_bf16_decoder_on_openvino(variant_gateway, variant_repository):
+    loaded = re.findall(r"loaded (\S+) on (ONNX Runtime|OpenVINO)", variant_gateway.log())
+    assert Counter(name for name, _ in loaded) == {p.parent.name: 1 for p in variant_repository.glob("*/config.pbtxt")}
+    assert dict(loaded) == {"medsam_lite_encoder": "ONNX Runtime", "medsam_lite_decoder": "ONNX Runtime",
+                            f"{BF16}_encoder": "OpenVINO", f"{BF16}_decoder": "OpenVINO"}
 
 
 def test_bf16_variant_is_listed_with_the_fp32_model_still_the_default(variant_gateway):

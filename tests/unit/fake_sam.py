@@ -54,7 +54,7 @@ class FakeSamBackend:
     async def infer(self, model, inputs, outputs, timeout=None):
         self.calls[model] += 1
         self.timeouts.append(timeout)
-        if model != self.decoder.name:  # an image encoder (variants share the decoder)
+        if model.endswith("_encoder"):  # an image encoder (a variant may share the decoder or have its own)
             if self.encoder_started is not None:
                 self.encoder_started.set()
             if self.encoder_gate is not None:

@@ -43,18 +43,39 @@ def _write_blind_encoder(_fp32: Path, out: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(out))
 
 
+def _write_flipped_decoder(fp32: Path, out: Path) -> None:
+    """The fp32 prompt decoder with its mask logits negated: every mask turned inside out."""
+    model = onnx.load(str(fp32))
+    for node in model.graph.node:
+        node.output[:] = ["unflipped_masks" if o == "low_res_masks" else o for o in node.output]
+    model.graph.node.append(helper.make_node("Neg", ["unflipped_masks"], ["low_res_masks"]))
+    onnx.save(model, str(out))
+
+
+BROKEN = {  # a variant that must fail its guard: base variant, what is broken
+    "int8-blind-encoder": ("medsam_lite_int8", {"write": _write_blind_encoder}),
+    "bf16-blind-encoder": ("medsam_lite_bf16", {"write": _write_blind_encoder}),
+    # the BF16 encoder as it is, its own decoder broken: the guard judges the decoder too
+    "bf16-flipped-decoder": ("medsam_lite_bf16", {"decoder_write": _write_flipped_decoder}),
+}
+
+
 @pytest.mark.slow
-def test_a_variant_that_fails_the_guard_is_not_written(tmp_path, shared_data):
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_a_variant_that_fails_the_guard_is_not_written(tmp_path, shared_data, broken):
     source = ensure_models()
     repo = tmp_path / "repo"
     for name in ("medsam_lite_encoder", "medsam_lite_decoder"):
         shutil.copytree(source / name, repo / name)
-    blind = replace(VARIANTS["medsam_lite_int8"], name="medsam_lite_blind", write=_write_blind_encoder)
+    base, change = BROKEN[broken]
+    blind = replace(VARIANTS[base], name="medsam_lite_blind", **change)
     with pytest.raises(RuntimeError, match="mean Dice"):
         export_encoder_variant(blind, ExportOptions(repository=repo, cache_dir=source.parent / ".cache"),
                                shared_data / "dev", limit=3)
-    assert not (repo / "medsam_lite_blind_encoder" / "config.pbtxt").exists()
-    assert not list((repo / "medsam_lite_blind_encoder").rglob("*.onnx"))
+    # neither the encoder nor (for BF16) its own decoder: no file, no folder left behind
+    assert sorted(p.name for p in repo.iterdir()) == ["medsam_lite_decoder", "medsam_lite_encoder"]
+    assert sorted(p.name for p in (repo / "medsam_lite_decoder" / "1").iterdir()) == sorted(
+        p.name for p in (source / "medsam_lite_decoder" / "1").iterdir())
 
 
 def test_variants_are_cpu_only(tmp_path):
