@@ -146,14 +146,7 @@ class SamPredictor:
         entry's parameters (default: the entry's own file)."""
         if encoder is None and entry == self.model.encoder:
             return self
-        if encoder is None or isinstance(encoder, (str, Path)):
-            encoder = open_entry(entry, None if encoder is None else Path(encoder))
-        encoder_run, rest = sessions_run({entry.name: encoder}), self._require_run()
-
-        def run(model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-            return (encoder_run if model == entry.name else rest)(model, feeds, outputs)
-
-        return SamPredictor(SamModel(self.info, entry, self.model.decoder), run)
+        return SamPredictor(SamModel(self.info, entry, self.model.decoder), self._run_with(entry, encoder))
 
     def with_decoder(self, entry: RepositoryEntry, decoder: Runner | Path | None = None) -> "SamPredictor":
         """The same encoder (and its runner) in front of another prompt decoder ``entry`` (a
@@ -163,15 +156,19 @@ class SamPredictor:
         ``base.with_encoder(enc, enc_file).with_decoder(dec, dec_file)``."""
         if decoder is None and entry == self.model.decoder:
             return self
-        if decoder is None or isinstance(decoder, (str, Path)):
-            decoder = open_entry(entry, None if decoder is None else Path(decoder))
-        decoder_run, rest = sessions_run({entry.name: decoder}), self._require_run()
+        info = replace(self.info, mask_candidates=mask_candidates(entry))
+        return SamPredictor(SamModel(info, self.model.encoder, entry), self._run_with(entry, decoder))
+
+    def _run_with(self, entry: RepositoryEntry, runner: Runner | Path | None) -> Run:
+        """This predictor's :data:`Run` with ``entry``'s calls sent to ``runner`` instead."""
+        if runner is None or isinstance(runner, (str, Path)):
+            runner = open_entry(entry, None if runner is None else Path(runner))
+        swapped, rest = sessions_run({entry.name: runner}), self._require_run()
 
         def run(model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-            return (decoder_run if model == entry.name else rest)(model, feeds, outputs)
+            return (swapped if model == entry.name else rest)(model, feeds, outputs)
 
-        info = replace(self.info, mask_candidates=mask_candidates(entry))
-        return SamPredictor(SamModel(info, self.model.encoder, entry), run)
+        return run
 
     # --- sans-IO steps ------------------------------------------------------------------
 

@@ -66,3 +66,12 @@ class FakeSamBackend:
         n = inputs["point_coords"].shape[0]
         masks = np.broadcast_to(self.logits, (n, 1, *self.logits.shape)).copy()
         return {outputs[0]: masks, outputs[1]: np.full((n, 1), 0.9, np.float32)}
+
+
+def zero_answer(inputs: dict, outputs: list[str], embedding_shape=(256, 64, 64), low_res=(256, 256)) -> dict:
+    """What a LiteMedSAM-shaped backend answers with zeros: embeddings for an encoder call (its
+    feeds have no ``point_coords``), single-mask logits and IoUs for a decoder call."""
+    if "point_coords" not in inputs:
+        return {outputs[0]: np.zeros((len(next(iter(inputs.values()))), *embedding_shape), np.float32)}
+    prompts = len(inputs["point_coords"])
+    return {outputs[0]: np.zeros((prompts, 1, *low_res), np.float32), outputs[1]: np.zeros((prompts, 1), np.float32)}

@@ -9,7 +9,6 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from export.encoder_variants import VARIANTS
@@ -22,6 +21,7 @@ from service.inference.gateway import Gateway
 from service.inference.model_choice import AUTO, BF16, FP32, INT8, choose, cpu_flags
 from service.inference.observer import NullObserver
 from service.settings import Settings
+from tests.unit.fake_sam import zero_answer
 
 ALL = (FP32, INT8, BF16)
 EVERY_FLAG = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}
@@ -114,10 +114,7 @@ class TimedBackend:
             if self.fail_timed and n > 1:  # warm-up works, the timed runs fail
                 raise errors.BackendError("the backend broke")
             await asyncio.sleep(self.encoder_s[model])
-            return {outputs[0]: np.zeros((1, 256, 64, 64), np.float32)}
-        prompts = len(inputs["point_coords"])
-        return {outputs[0]: np.zeros((prompts, 1, 256, 256), np.float32),
-                outputs[1]: np.zeros((prompts, 1), np.float32)}
+        return zero_answer(inputs, outputs)
 
     async def ready(self) -> bool:
         return True
