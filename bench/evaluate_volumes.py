@@ -51,7 +51,7 @@ from export.dev_cases import SHARED_DATA  # noqa: E402
 from service.backends.repository import SamModel, discover  # noqa: E402
 from service.core.domain import Prompt, PromptKind, Window  # noqa: E402
 from service.core.volume import Volume, VolumeSource, load_volume  # noqa: E402
-from service.inference import clicks as click_rules  # noqa: E402
+from bench import clicks as click_rules  # noqa: E402
 from service.inference import model_choice  # noqa: E402
 from service.inference import propagation as prop  # noqa: E402
 from service.inference.predictor import SamPredictor  # noqa: E402

@@ -7,6 +7,7 @@ import pytest
 
 from medseg_client import SegmentationClient
 from tests.harness import GatewayProcess, TritonProcess, ensure_models
+from tests.sam_models import tiny_sam_repository
 
 # Small enough to test RESOURCE_EXHAUSTED cheaply, large enough for every real test image.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
@@ -58,3 +59,10 @@ def triton_gateway(triton, tmp_path_factory):
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(model_repository, tmp_path_factory):
+    """(repository, checkpoint, export output): a tiny random SAM exported once per session by
+    ``python -m export sam`` (its PyTorch parity check on one image), LiteMedSAM linked beside it."""
+    return tiny_sam_repository(tmp_path_factory.mktemp("tiny-sam"), check_cases=1)

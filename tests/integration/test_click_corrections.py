@@ -28,20 +28,20 @@ from medseg_client._generated import volumes_pb2_grpc as vpb_grpc
 from service.core import errors
 from service.core.domain import Point, PromptKind
 from service.core.volume import VolumeSource, load_volume
-from service.inference import clicks
+from bench import clicks
 from service.inference import propagation as prop
 from service.inference.predictor import SamPredictor
 from service.inference.volume_predictor import Segment, VolumePredictor
 from tests.harness import GatewayProcess
-from tests.sam_models import TINY, tiny_sam_repository
+from tests.sam_models import TINY
 
 Z, H, W = 4, 40, 48
 CORRECTIONS = 3
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    return tiny_sam_repository(tmp_path_factory.mktemp("click-sam"), check_cases=0)[0]
+def repository(tiny_sam):
+    return tiny_sam[0]
 
 
 def synthetic() -> tuple[VolumeSource, np.ndarray]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.core.domain import Point
-from service.inference import clicks
+from bench import clicks
 
 
 def masks(shape=(12, 12)) -> tuple[np.ndarray, np.ndarray]:

@@ -14,10 +14,9 @@ is in; and of several pixels equally far from the boundary the first in raster o
 taken (the challenge draws one with a fixed seed), so that the click is a pure function of
 the two masks. Components are 8-connected (the 2-D form of the challenge's 26-connectivity).
 
-Used by the evaluation (bench/evaluate_volumes.py ``--corrections-as clicks``), not by the
-gateway: scipy comes from requirements/training.txt, not the gateway's runtime
-(requirements/base.txt), so it is imported where it is used and importing this module costs
-the gateway nothing.
+The simulated user of the evaluation (bench/evaluate_volumes.py ``--corrections-as clicks``),
+so it lives in bench/, not in the gateway: scipy comes from requirements/training.txt, not the
+gateway image's runtime (requirements/base.txt).
 """
 
 from __future__ import annotations
