@@ -12,6 +12,9 @@ Examples (defaults read ``../shared/data``)::
     python -m training export --checkpoint runs/brain/box/checkpoint.pt --name unet_brain
     python -m training experiment --structures brain,caudate --iterations 300
     python -m training volume-pseudo-labels --volume IMAGE.nii.gz --reference MASK.nii.gz --out runs/vol
+    python -m training train-volume --method pseudo --volume IMAGE.nii.gz --pseudo runs/vol --run-dir runs/vol/pseudo
+    python -m training evaluate-volume --checkpoint runs/vol/pseudo/checkpoint.pt --volume OTHER.nii.gz \\
+        --reference OTHER_MASK.nii.gz
 """
 
 from __future__ import annotations
@@ -218,6 +221,61 @@ def cmd_volume_pseudo_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _window(args: argparse.Namespace) -> tuple[float, float] | None:
+    return tuple(float(v) for v in args.window.split(",")) if args.window else None
+
+
+def cmd_train_volume(args: argparse.Namespace) -> int:
+    from training import volume_training as vt
+
+    volume = vt.read_volume(args.volume, _window(args))
+    if args.method == "pseudo":
+        if args.pseudo is None:
+            raise SystemExit("--method pseudo needs --pseudo DIR (written by volume-pseudo-labels)")
+        name = args.pseudo_name or _only_label(args.pseudo)
+        labels, pl = vt.pseudo_label_map(args.pseudo, name, volume)
+        source = {"volume": str(args.volume), "pseudo": str(args.pseudo / f"{name}.json"),
+                  "key_slices": list(pl.key_slices)}
+    else:
+        if args.reference is None:
+            raise SystemExit(f"--method {args.method} needs --reference MASK.nii.gz")
+        labels = vt.label_map(vt.model_masks(args.reference, volume))
+        source = {"volume": str(args.volume), "reference": str(args.reference)}
+    structure = args.structure or (name if args.method == "pseudo" else args.reference.name.split(".")[0])
+    cfg = _config(args, structure=structure)
+    result = vt.train_volume(cfg, volume, labels, args.method, args.run_dir, resume=not args.restart,
+                             background_every=args.background_every, source=source, progress=not args.no_progress)
+    record = json.loads((args.run_dir / vt.RUN_FILE).read_text())
+    print(f"{args.method}: {len(record['slices'])} slices ({len(record['foreground_slices'])} with foreground, "
+          f"{record['ignored_fraction']:.3f} of their voxels ignored); {result.iterations} iterations in "
+          f"{result.seconds:.0f} s ({result.cpu_seconds:.0f} s CPU); loss {result.history[0]:.4f} -> "
+          f"{sum(result.history[-10:]) / len(result.history[-10:]):.4f}; checkpoint {args.run_dir / 'checkpoint.pt'}")
+    if args.export_name:
+        for path in vt.export(args.run_dir, args.repository, args.export_name):
+            print(f"wrote {path}")
+    return 0
+
+
+def _only_label(folder: Path) -> str:
+    names = sorted(p.name[: -len("_label.nii.gz")] for p in folder.glob("*_label.nii.gz"))
+    if len(names) != 1:
+        raise SystemExit(f"{folder} holds {len(names)} pseudo-labels ({', '.join(names) or 'none'}): "
+                         "say which with --pseudo-name")
+    return names[0]
+
+
+def cmd_evaluate_volume(args: argparse.Namespace) -> int:
+    from training import volume_training as vt
+    from training.train import load_model
+
+    model, cfg = load_model(args.checkpoint)
+    volume = vt.read_volume(args.volume, _window(args))
+    score = vt.evaluate_volume(model, volume, vt.model_masks(args.reference, volume), cfg.size, args.tolerance_mm)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "volume": str(args.volume),
+                      "reference": str(args.reference), **score.to_dict()}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,6 +378,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="medsam_lite")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_volume_pseudo_labels)
+
+    from training.volume_training import BACKGROUND_EVERY, METHODS as VOLUME_METHODS
+
+    p = sub.add_parser("train-volume", help="the U-Net on the slices of one volume: reference masks or a "
+                                            "volume pseudo-label (uncertain ignored); resumes by default")
+    _train_args(p)
+    p.add_argument("--method", choices=tuple(VOLUME_METHODS), required=True,
+                   help="; ".join(f"{k}: {v[1]}" for k, v in VOLUME_METHODS.items()))
+    p.add_argument("--volume", type=Path, required=True, help="image NIfTI (the training volume)")
+    p.add_argument("--reference", type=Path, default=None, help="reference mask NIfTI (full, full_ce)")
+    p.add_argument("--pseudo", type=Path, default=None, help="folder written by volume-pseudo-labels (pseudo)")
+    p.add_argument("--pseudo-name", default=None, help="its file stem (default: the only one in --pseudo)")
+    p.add_argument("--structure", default=None, help="structure name in the checkpoint and the served model")
+    p.add_argument("--background-every", type=int, default=BACKGROUND_EVERY,
+                   help="keep slice k without foreground when k %% this == 0")
+    p.add_argument("--window", default=None, help="CENTER,WIDTH intensity window (CT); default per-slice percentiles")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--export-name", default=None, help="also export the model under this name into --repository")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.set_defaults(func=cmd_train_volume)
+
+    p = sub.add_parser("evaluate-volume", help="3-D Dice and NSD of a checkpoint on a volume against its reference")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--volume", type=Path, required=True)
+    p.add_argument("--reference", type=Path, required=True)
+    p.add_argument("--window", default=None, help="CENTER,WIDTH intensity window (CT)")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance")
+    p.set_defaults(func=cmd_evaluate_volume)
     return top
 
 

@@ -1,0 +1,83 @@
+"""CI smoke of volume-scale weak supervision, end to end on real data: one box on a small crop of
+colin27 (left thalamus) -> the served LiteMedSAM propagates it into a volume pseudo-label
+(training/volume_pseudo_labels.py) -> the U-Net trains on its slices, uncertain voxels ignored
+(training/volume_training.py, a few iterations) -> exported with export/unet.py into a temporary
+repository -> a real gateway lists it as prompt-free and answers SegmentVolume (no box) over the
+uploaded crop with the masks the exported file gives, slice by slice. About 20-35 s on 2 cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monai", reason="the training extra (requirements/training.txt) is not installed")
+
+from medseg_client import SegmentationClient  # noqa: E402
+from service.core.segmenter_io import postprocess, preprocess  # noqa: E402
+from tests.harness import GatewayProcess  # noqa: E402
+
+CROP = {"x": (56, 90), "y": (80, 134), "z": (75, 82)}   # voxels of colin27: the left thalamus, 7 slices
+STRUCTURE = "thalamus_left"
+
+
+@pytest.mark.slow
+def test_one_box_pseudo_labels_train_a_model_the_gateway_serves_over_a_volume(shared_data, model_repository,
+                                                                             tmp_path):
+    from service.inference.predictor import SamPredictor
+    from training import volume_pseudo_labels as vpl
+    from training import volume_training as vt
+    from training.evaluate import onnx_predictor
+    from training.model import NetworkConfig
+    from training.train import TrainConfig
+
+    folder = shared_data / "volumes" / "colin27_t1"
+    image = vt.crop_nifti(folder / "image.nii.gz", tmp_path / "image.nii.gz", **CROP)
+    mask = vt.crop_nifti(folder / "masks" / f"{STRUCTURE}.nii.gz", tmp_path / "mask.nii.gz", **CROP)
+    volume = vt.read_volume(image)
+
+    # one box on the slice of largest area, propagated by the served LiteMedSAM
+    predictor = SamPredictor.from_repository(model_repository, "medsam_lite", threads=2)
+    pl = vpl.volume_pseudo_label(predictor, volume, vt.read_volume(mask), name=STRUCTURE)
+    assert len(pl.key_slices) == 1
+    vpl.save(pl, tmp_path / "pseudo")
+    labels, _ = vt.pseudo_label_map(tmp_path / "pseudo", STRUCTURE, volume)
+    assert (labels == -1).any() and (labels == 1).any()       # uncertain voxels reach the trainer as -1
+
+    cfg = TrainConfig(structure="thalamus", size=64, iterations=60, batch_size=4, lr=3e-3, threads=2,
+                      checkpoint_every=1000, network=NetworkConfig(channels=(8, 16, 32)))
+    result = vt.train_volume(cfg, volume, labels, "pseudo", tmp_path / "run", progress=False)
+    assert result.iterations == 60
+    assert np.mean(result.history[-8:]) < 0.8 * np.mean(result.history[:8])
+    written = vt.export(tmp_path / "run", tmp_path / "repo", "unet_volume_smoke")
+    assert {p.name for p in written} == {"model.onnx", "config.pbtxt"}
+    assert "volume pseudo-label" in (tmp_path / "repo" / "unet_volume_smoke" / "config.pbtxt").read_text()
+
+    # what the exported file gives for each slice, through the serving path, in the input convention
+    onnx_run = onnx_predictor(str(tmp_path / "repo" / "unet_volume_smoke" / "1" / "model.onnx"))
+    frame = preprocess(volume.slice_pixels(0), cfg.size)[1]
+    expected = {}
+    for k in range(volume.depth):
+        m = postprocess(onnx_run(vt.served_inputs(volume, [k], cfg.size).numpy()), frame)
+        if m.any():
+            expected[k] = volume.mask_to_input(m)
+    assert expected, "the smoke model segments nothing on its own training crop"
+
+    gw = GatewayProcess(tmp_path / "gw", "--model-repository", str(tmp_path / "repo"),
+                        "--default-model", "unet_volume_smoke")
+    with gw.serving(), SegmentationClient(gw.target, timeout=60.0) as client:
+        (info,) = [m for m in client.list_models() if m.name == "unet_volume_smoke"]
+        assert list(info.prompt_kinds) == [] and info.input_size == 64
+        uploaded = client.upload_volume(image)
+        stream = client.segment_volume(uploaded.volume_id, model="unet_volume_smoke")
+        slices = list(stream)
+        summary = stream.summary
+        assert summary.model_name == "unet_volume_smoke" and slices
+        got = {s.slice_index: s.mask for s in slices if s.mask.any()}
+        assert sorted(got) == sorted(expected)
+        for k, m in got.items():
+            assert m.shape == expected[k].shape
+            assert np.mean(m == expected[k]) > 0.999
+        whole = client.get_segment_mask(uploaded.volume_id, summary.segment_id)
+        nifti = whole.nifti()
+        assert nifti.shape == tuple(CROP[a][1] - CROP[a][0] for a in "xyz")
+        assert int(np.asarray(nifti.dataobj).sum()) == summary.voxel_count > 0

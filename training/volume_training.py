@@ -1,0 +1,262 @@
+"""Training the prompt-free 2-D U-Net from a volume: its slices, labelled by the reference masks
+(method ``full``) or by a one-box volume pseudo-label (:mod:`training.volume_pseudo_labels`,
+method ``pseudo``), and its 3-D evaluation on a held-out volume.
+
+Nothing here is a second trainer: slices become :class:`~training.data.Case` objects, then a
+:class:`~training.samples.SampleSet` (:func:`training.samples.prepare`), trained by
+:func:`training.train.train` (seeded, resumable, the same checkpoint) and exported by
+:func:`export.unet.export_checkpoint`. What this module adds:
+
+* **label map** (:func:`label_map`): int64 ``(Z, H, W)`` in model orientation, 1 foreground,
+  0 background, -1 ignored: the pseudo-label's *uncertain* voxels are -1 (a reference mask has
+  none). In the model frame the zero padding is -1 too (:func:`training.samples.prepare`).
+* **slice sampling** (:func:`training_slices`): every slice with a foreground voxel in the map,
+  plus every slice ``k`` with ``k % background_every == 0`` that has none; a slice whose voxels
+  are all -1 (all uncertain: nothing to learn from) is never kept. The same rule runs on each
+  method's own map (the reference never chooses a pseudo-label's slices).
+* **inputs**: each sample's image is exactly what the served model gets for that slice in
+  ``SegmentVolume`` (``Volume.slice_pixels(k)`` -> :func:`service.core.segmenter_io.preprocess`,
+  as :mod:`service.inference.volumes` does), so a CT window or a slice's own percentiles are
+  the gateway's.
+* **losses** (the trainer's methods, :data:`METHODS`): ``full`` is the trainer's ``full``
+  (MONAI DiceCE on the reference: method (a) of the issue); ``pseudo`` is the trainer's
+  partial cross-entropy (its ``scribble`` method: CE averaged over pixels labelled 0/1, -1
+  ignored) on the pseudo-label map, held in the SampleSet's ``scribbles`` channel (a dense
+  1/0/-1 map is a scribble map that covers everything certain); ``full_ce`` is the reference
+  through that same partial CE (a control that separates the label from the loss). The
+  trainer has no "CE + Dice on a -1 map only" method; adding one would be a change of
+  :mod:`training.train`.
+* **3-D evaluation** (:func:`predict_volume`, :func:`evaluate_volume`): the network on every
+  slice through the serving path, stacked, against a reference mask: 3-D Dice and NSD at 2 mm
+  (:mod:`training.volume_metrics`), spacing from the volume.
+* **hemisphere split** (:func:`crop_nifti`, :func:`hemisphere_ranges`): a bilateral structure
+  trains on one hemisphere and is evaluated on the other: the whole contralateral structure,
+  never labelled, voxels ``x < nx // 2`` vs ``x > nx // 2`` (RAS+, the middle column in neither).
+
+2.5-D input (neighbouring slices as channels) is not offered: the served segmenter takes one
+grey slice (``image (B, 1, S, S)`` in :mod:`export.unet`, :func:`service.core.segmenter_io.preprocess`
+averages colour to grey, ``SegmentVolume`` feeds one slice per image), so it would need export
+and serving changes first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from service.core.segmenter_io import postprocess, preprocess
+from service.core.volume import Volume, VolumeSource, load_volume
+from training.data import Case
+from training.samples import SampleSet, prepare
+from training.train import TrainConfig, TrainResult, train
+from training.volume_metrics import NSD_TOLERANCE_MM, dice, nsd
+from training.weak_labels import WeakLabels
+
+# volume method -> (the trainer's method, what supervises it)
+METHODS = {
+    "full": ("full", "reference masks of the training volume's slices (MONAI DiceCE)"),
+    "pseudo": ("scribble", "one-box volume pseudo-label, uncertain voxels ignored (partial CE)"),
+    "full_ce": ("scribble", "reference masks through the pseudo-label's partial CE (loss control)"),
+}
+RUN_FILE = "volume_training.json"
+BACKGROUND_EVERY = 4
+
+
+# --------------------------------------------------------------------------- pure rules
+def label_map(label: np.ndarray, uncertain: np.ndarray | None = None) -> np.ndarray:
+    """int64 like ``label``: 1 where ``label`` (bool or {0, 1}), else 0; -1 where ``uncertain``."""
+    out = (np.asarray(label) > 0).astype(np.int64)
+    if uncertain is not None:
+        uncertain = np.asarray(uncertain, bool)
+        if uncertain.shape != out.shape:
+            raise ValueError(f"uncertain {uncertain.shape} does not fit the label {out.shape}")
+        out[uncertain] = -1
+    return out
+
+
+def training_slices(labels: np.ndarray, background_every: int = BACKGROUND_EVERY) -> list[int]:
+    """Slices of a 1/0/-1 map ``(Z, H, W)`` that become samples (rule in the module doc)."""
+    if background_every < 1:
+        raise ValueError(f"background_every must be at least 1, got {background_every}")
+    flat = np.asarray(labels).reshape(len(labels), -1)
+    foreground, certain = (flat == 1).any(axis=1), (flat >= 0).any(axis=1)
+    return [k for k in range(len(flat)) if certain[k] and (foreground[k] or k % background_every == 0)]
+
+
+# --------------------------------------------------------------------------- volumes and crops
+def read_volume(path: Path, window: tuple[float, float] | None = None) -> Volume:
+    """A NIfTI file as the gateway loads an upload of it (``window``: centre, width)."""
+    from service.core.domain import Window
+
+    return load_volume(VolumeSource("nifti", data=Path(path).read_bytes(),
+                                    window=Window(*window) if window else None))
+
+
+def model_masks(mask_file: Path, volume: Volume) -> np.ndarray:
+    """bool ``(Z, H, W)`` in ``volume``'s model orientation: a mask NIfTI on the same grid."""
+    from training.volume_pseudo_labels import reference_slices
+
+    return reference_slices(read_volume(mask_file), volume)
+
+
+def pseudo_label_map(folder: Path, name: str, volume: Volume):
+    """(1/0/-1 map ``(Z, H, W)`` in model orientation, the :class:`VolumePseudoLabel`) of a
+    pseudo-label saved by :func:`training.volume_pseudo_labels.save` for ``volume``: its label
+    and uncertain files are read as the mask NIfTIs they are (same grid as the volume)."""
+    from training import volume_pseudo_labels as vpl
+
+    folder = Path(folder)
+    pl = vpl.load(folder, name)
+    label = model_masks(folder / f"{name}_label.nii.gz", volume)
+    uncertain = model_masks(folder / f"{name}_uncertain.nii.gz", volume)
+    return label_map(label, uncertain), pl
+
+
+def crop_nifti(source: Path, out: Path, x: tuple[int, int] | None = None, y: tuple[int, int] | None = None,
+               z: tuple[int, int] | None = None) -> Path:
+    """Write voxels ``[x0:x1, y0:y1, z0:z1]`` of a NIfTI (stored axes; None = all) to ``out``,
+    same dtype and scaling, the affine moved so every voxel keeps its world position."""
+    import nibabel as nib
+
+    image = nib.load(str(source))
+    window = tuple(slice(*r) if r is not None else slice(None) for r in (x, y, z))
+    crop = image.slicer[window]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(crop, str(out))
+    return out
+
+
+def hemisphere_ranges(nx: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Voxel x ranges (RAS+: x increases to the subject's right) of the left and right
+    hemisphere of a volume ``nx`` columns wide; the middle column ``nx // 2`` is in neither."""
+    mid = nx // 2
+    return (0, mid), (mid + 1, nx)
+
+
+# --------------------------------------------------------------------------- samples
+def served_inputs(volume: Volume, ks: Sequence[int], size: int) -> torch.Tensor:
+    """float32 ``(N, 1, size, size)``: what ``SegmentVolume`` feeds the segmenter for slices ``ks``."""
+    return torch.as_tensor(np.concatenate([preprocess(volume.slice_pixels(k), size)[0] for k in ks]))
+
+
+def volume_samples(volume: Volume, labels: np.ndarray, size: int, method: str, name: str = "volume",
+                   background_every: int = BACKGROUND_EVERY) -> SampleSet:
+    """A :class:`SampleSet` of the slices :func:`training_slices` keeps from the 1/0/-1 map
+    ``labels`` (model orientation, ``(Z, H, W)``). ``full``: the map is the reference mask
+    (``masks``; -1 not allowed); ``pseudo`` / ``full_ce``: the map goes in ``scribbles``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown volume method {method!r}; choose one of {tuple(METHODS)}")
+    labels = np.asarray(labels, np.int64)
+    if labels.shape != (volume.depth, *volume.slice_shape):
+        raise ValueError(f"labels {labels.shape} do not fit the volume {(volume.depth, *volume.slice_shape)}")
+    if method == "full" and (labels < 0).any():
+        raise ValueError("method 'full' takes a reference mask: it has no ignored (-1) voxels")
+    ks = training_slices(labels, background_every)
+    if not ks:
+        raise ValueError("no slice of the volume has a certain label")
+    cases, weak = [], {}
+    for k in ks:
+        case_id = f"{name}_z{k:03d}"
+        cases.append(Case(case_id, volume.slice_pixels(k), labels[k] == 1,
+                          {"case_id": case_id, "structure": name, "slice_index": k}))
+        if method != "full":
+            weak[case_id] = WeakLabels(case_id, volume.slice_shape, scribbles=labels[k].astype(np.int8))
+    samples = prepare(cases, size, weak)
+    # prepare() normalises a native image; the served input of a volume slice is its own
+    return replace(samples, images=served_inputs(volume, ks, size))
+
+
+def slice_indices(samples: SampleSet) -> list[int]:
+    return [int(c.rsplit("_z", 1)[1]) for c in samples.case_ids]
+
+
+# --------------------------------------------------------------------------- training
+def train_volume(cfg: TrainConfig, volume: Volume, labels: np.ndarray, method: str, run_dir: Path,
+                 resume: bool = True, background_every: int = BACKGROUND_EVERY, source: dict | None = None,
+                 stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` (its ``method`` is set from ``method``) on a volume's slices; resumable
+    exactly as :func:`training.train.train`. ``run_dir/volume_training.json`` records the
+    volume method, the slices and ``source`` (where volume and labels came from)."""
+    cfg = replace(cfg, method=METHODS[method][0])
+    samples = volume_samples(volume, labels, cfg.size, method, cfg.structure, background_every)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ks = slice_indices(samples)
+    record = {"method": method, "trainer_method": cfg.method, "supervision": METHODS[method][1],
+              "background_every": background_every, "slices": ks,
+              "foreground_slices": [k for k in ks if (labels[k] == 1).any()],
+              "ignored_fraction": float((labels[ks] < 0).mean()), "source": source or {}}
+    path = run_dir / RUN_FILE
+    if resume and path.is_file() and (run_dir / "checkpoint.pt").is_file():
+        old = json.loads(path.read_text())
+        if (old.get("method"), old.get("slices")) != (method, ks):
+            raise ValueError(f"{path} was written for method {old.get('method')!r} on other slices; "
+                             "use another run folder (or restart)")
+    path.write_text(json.dumps(record, indent=1))
+    return train(cfg, samples, run_dir, resume=resume, stop_after=stop_after, progress=progress)
+
+
+def export(run_dir: Path, repository: Path, name: str, target: str = "cpu", version: int = 1) -> list[Path]:
+    """:func:`export.unet.export_checkpoint` of a volume run, described by its volume method."""
+    from export.unet import export_checkpoint
+
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    description = (f"MONAI 2-D U-Net {tuple(cfg['network']['channels'])}, input {cfg['size']}x{cfg['size']}, "
+                   f"segments {cfg['structure']} without prompts, slice by slice; trained on the slices of one "
+                   f"volume from {record['supervision']} ({cfg['iterations']} iterations, seed {cfg['seed']})")
+    return export_checkpoint(run_dir / "checkpoint.pt", repository, name, target, version, description)
+
+
+# --------------------------------------------------------------------------- 3-D evaluation
+@dataclass(frozen=True)
+class VolumeScore:
+    dice: float
+    nsd: float                          # at ``tolerance_mm``
+    tolerance_mm: float
+    predicted_voxels: int
+    reference_voxels: int
+    predicted_slices: tuple[int, int] | None
+    reference_slices: tuple[int, int] | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict_volume(model: torch.nn.Module, volume: Volume, size: int, batch: int = 8) -> np.ndarray:
+    """bool ``(Z, H, W)`` model orientation: the network on every slice, as ``SegmentVolume``
+    serves it (:func:`served_inputs`, then :func:`service.core.segmenter_io.postprocess`)."""
+    out = np.zeros((volume.depth, *volume.slice_shape), bool)
+    frame = preprocess(volume.slice_pixels(0), size)[1]
+    model = model.eval()
+    for start in range(0, volume.depth, batch):
+        ks = list(range(start, min(volume.depth, start + batch)))
+        with torch.no_grad():
+            logits = model(served_inputs(volume, ks, size)).numpy()
+        for i, k in enumerate(ks):
+            out[k] = postprocess(logits[i:i + 1], frame)
+    return out
+
+
+def _extent(masks: np.ndarray) -> tuple[int, int] | None:
+    got = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+    return (int(got[0]), int(got[-1])) if got.size else None
+
+
+def score_masks(pred: np.ndarray, ref: np.ndarray, volume: Volume,
+                tolerance_mm: float = NSD_TOLERANCE_MM) -> VolumeScore:
+    """3-D Dice and NSD of bool ``(Z, H, W)`` model-orientation masks of ``volume``."""
+    row, col, slc = volume.spacing_mm
+    return VolumeScore(dice(pred, ref), nsd(pred, ref, (slc, row, col), tolerance_mm), float(tolerance_mm),
+                       int(pred.sum()), int(ref.sum()), _extent(pred), _extent(ref))
+
+
+def evaluate_volume(model: torch.nn.Module, volume: Volume, reference: np.ndarray, size: int,
+                    tolerance_mm: float = NSD_TOLERANCE_MM) -> VolumeScore:
+    return score_masks(predict_volume(model, volume, size), np.asarray(reference, bool), volume, tolerance_mm)
