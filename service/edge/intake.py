@@ -20,6 +20,13 @@ them. This interceptor replaces that limit:
   find a stream and a client that ignores the setting gets its extra streams refused by gRPC.
 * **A bound on receiving**: a unary request must arrive within ``receive_timeout_s`` of the
   call's start, else the call ends with DEADLINE_EXCEEDED and frees its slot.
+* **Draining at shutdown** (:meth:`IntakeGate.drain`, then :meth:`IntakeGate.quiet`): new
+  calls get UNAVAILABLE (retryable: another replica answers) while the open ones finish; the
+  server is stopped only once every call has ended and its last answer had time to leave.
+  gRPC's own graceful stop counts a call as done when its answer is handed to the transport,
+  then closes the connections: with bytes of a large answer still unsent (or the peer's
+  flow-control frames unread), the client got UNAVAILABLE "connection reset" for a call the
+  gateway had answered OK.
 * **Client-streaming calls** (``Volumes.UploadVolume``: a header, then file parts) take a slot
   and count against the pool and their connection's share like any other call, but are exempt
   from that whole-message bound: an upload of hundreds of MiB may take longer than
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections import Counter
 from typing import Callable
 
@@ -67,6 +75,41 @@ class IntakeGate(grpc.aio.ServerInterceptor):
         self.on_reject = on_reject
         self.open = 0  # Segmentation calls holding a slot
         self.by_connection: Counter[str] = Counter()
+        self.draining = False
+        self.unfinished = 0  # pooled calls gRPC has not yet ended (their answer may still be leaving)
+        self.last_ended = 0.0  # time.monotonic() when the last of them ended
+        self._ended = asyncio.Event()
+
+    def drain(self) -> None:
+        """From now on refuse new pooled calls with UNAVAILABLE; open ones go on."""
+        self.draining = True
+
+    async def quiet(self, timeout_s: float, settle_s: float) -> bool:
+        """Wait until every pooled call has ended (at most ``timeout_s``), then until ``settle_s``
+        have passed since the last one ended, so its answer leaves before the connections close.
+        False when calls were still open at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.unfinished > 0:
+            self._ended.clear()
+            try:
+                await asyncio.wait_for(self._ended.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+        wait = min(self.last_ended + settle_s, deadline) - time.monotonic()
+        if self.last_ended > 0 and wait > 0:
+            await asyncio.sleep(wait)
+        return True
+
+    def _track(self, context: grpc.aio.ServicerContext) -> None:
+        """Count the call until gRPC ends it (answer sent, or the call cancelled)."""
+        self.unfinished += 1
+
+        def ended(_context) -> None:
+            self.unfinished -= 1
+            self.last_ended = time.monotonic()
+            self._ended.set()
+
+        context.add_done_callback(ended)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -162,6 +205,10 @@ class IntakeGate(grpc.aio.ServerInterceptor):
         Returns the connection holding the slot and the caller, when known."""
         if not pooled:
             return None, None
+        self._track(context)
+        if self.draining:
+            await self._end(name, context, grpc.StatusCode.UNAVAILABLE,
+                            "the gateway is shutting down; retry (another replica answers)", None)
         principal = None
         if self.authenticator is not None and self.authenticator.enabled:
             try:

@@ -113,9 +113,11 @@ def _report_rejection(gateway: Gateway) -> Rejected:
 
 
 async def create_server(settings: Settings, gateway: Gateway, authenticator: Authenticator | None = None,
-                        credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int, Health]:
+                        credentials: grpc.ServerCredentials | None = None
+                        ) -> tuple[grpc.aio.Server, int, Health, IntakeGate]:
     """Bind the gRPC server (port 0 picks a free port) with health (NOT_SERVING) and reflection;
-    TLS when ``credentials`` are given, else plaintext."""
+    TLS when ``credentials`` are given, else plaintext. The intake gate is returned for
+    :func:`stop_gracefully`."""
     authenticator = authenticator or Authenticator()
     gate = ProbeGate(authenticator, settings.auth_exempt_health, settings.auth_exempt_reflection)
     # No maximum_concurrent_rpcs: gRPC's limit covers health too and knows no connection; the
@@ -138,7 +140,22 @@ async def create_server(settings: Settings, gateway: Gateway, authenticator: Aut
     if port == 0:
         raise StartupError(f"cannot bind gRPC to {address}")
     await server.start()
-    return server, port, checker
+    return server, port, checker, intake
+
+
+# How long the connections stay open after the last call ended, for its answer to leave.
+ANSWER_SETTLE_S = 1.0
+
+
+async def stop_gracefully(server: grpc.aio.Server, checker: Health, intake: IntakeGate, grace_s: float) -> None:
+    """Health NOT_SERVING, new calls UNAVAILABLE, open calls finish (at most ``grace_s``) and
+    their answers leave; then the server stops, cancelling what is still open."""
+    start = asyncio.get_running_loop().time()
+    await checker.servicer.enter_graceful_shutdown()
+    intake.drain()
+    if not await intake.quiet(grace_s, ANSWER_SETTLE_S):
+        log.warning("%d call(s) still open after the %.0f s grace: cancelled", intake.unfinished, grace_s)
+    await server.stop(max(0.0, grace_s - (asyncio.get_running_loop().time() - start)))
 
 
 def _security(settings: Settings) -> tuple[Authenticator, grpc.ServerCredentials | None]:
@@ -156,7 +173,7 @@ async def serve(settings: Settings) -> int:
     try:
         authenticator, credentials = _security(settings)
         gateway = Gateway(settings, DeadlineBoundBackend(create_backend(settings)), metrics)
-        server, port, checker = await create_server(settings, gateway, authenticator, credentials)
+        server, port, checker, intake = await create_server(settings, gateway, authenticator, credentials)
         if settings.health_port >= 0:
             health_server, health_port = await create_health_server(
                 settings, checker, health_port_options(settings),
@@ -201,8 +218,7 @@ async def serve(settings: Settings) -> int:
         log.info("stopping: health NOT_SERVING, draining in-flight requests for up to %.0f s", settings.grace_s)
         if watcher is not None:
             watcher.cancel()
-        await checker.servicer.enter_graceful_shutdown()
-        await server.stop(settings.grace_s)
+        await stop_gracefully(server, checker, intake, settings.grace_s)
         if health_server is not None:
             await health_server.stop(0)
         await gateway.close()

@@ -88,7 +88,7 @@ def test_sigterm_finishes_in_flight_requests(model_repository, tmp_path):
             try:
                 outcome["results"] = client.segment(image=image_from_array(image), boxes=boxes)
             except grpc.RpcError as exc:
-                outcome["error"] = exc.code()
+                outcome["error"] = (exc.code(), exc.details())
             # The gateway's log as it stood when the answer arrived (it writes unbuffered).
             outcome["log_at_answer"] = gw.log()
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medseg_client._generated import segmentation_pb2 as pb
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc
-from service.edge.server import concurrent_rpc_limit, create_server
+from service.edge.server import ANSWER_SETTLE_S, concurrent_rpc_limit, create_server, stop_gracefully
 from service.security.auth import Authenticator
 from service.settings import Settings
 from tests.unit.test_server_guard import AUTH, REQUEST, FakeGateway, tokens_file  # noqa: F401
@@ -59,7 +59,7 @@ class Stalled:
 
 
 async def _serve(settings: Settings, gateway: FakeGateway):
-    server, port, checker = await create_server(settings, gateway, Authenticator.from_settings(settings))
+    server, port, checker, _ = await create_server(settings, gateway, Authenticator.from_settings(settings))
     await checker.set_serving(True)
     return server, f"127.0.0.1:{port}"
 
@@ -189,3 +189,35 @@ def test_the_callers_cache_scope_reaches_the_gateway(tokens_file):  # noqa: F811
     anonymous = FakeGateway(Settings(port=0))
     assert scopes == {"caller": ["caller:pacs-router"] * 2, "shared": ["", ""]}
     assert anonymous.cache_scope(None) == ""
+
+
+def test_a_stopping_gateway_refuses_new_calls_finishes_open_ones_and_waits_for_their_answers():
+    """stop_gracefully: the open call is answered OK, a call that starts while it drains gets
+    UNAVAILABLE at once, and the server stops only after the open call has ended and settled."""
+    settings = Settings(port=0)
+
+    async def main():
+        server, port, checker, intake = await create_server(settings, FakeGateway(settings, delay_s=1.0),
+                                                            Authenticator.from_settings(settings))
+        await checker.set_serving(True)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.SegmentationStub(channel)
+        try:
+            open_call = asyncio.ensure_future(_outcome(stub.Segment(REQUEST, timeout=10)))
+            while intake.open == 0:
+                await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(stop_gracefully(server, checker, intake, grace_s=10))
+            await asyncio.sleep(0.1)
+            late = await _outcome(stub.Segment(REQUEST, timeout=5))
+            answered = await open_call
+            ended_at = intake.last_ended
+            await stopping
+            return late, answered, time.monotonic() - ended_at, stopping.done()
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    late, answered, since_end, stopped = asyncio.run(main())
+    assert late[0] == "UNAVAILABLE" and late[1] < 1.0, late  # refused at once, retryable
+    assert answered[0] == "OK", answered
+    assert stopped and since_end >= 0.9 * ANSWER_SETTLE_S  # the connections stayed open after the last answer

@@ -87,7 +87,7 @@ def tokens_file(tmp_path: Path) -> Path:
 
 
 async def _serve(settings: Settings, gateway: FakeGateway):
-    server, port, checker = await create_server(settings, gateway, Authenticator.from_settings(settings))
+    server, port, checker, _ = await create_server(settings, gateway, Authenticator.from_settings(settings))
     await checker.set_serving(True)
     return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 

@@ -171,7 +171,7 @@ def test_over_grpc_a_caller_whose_deadline_passes_mid_encode_leaves_the_other_it
         settings = Settings(port=0, model_repository=REPOSITORY, default_model="medsam_lite", cache_bytes=1 << 28)
         gateway = Gateway(settings, DeadlineBoundBackend(backend), Metrics("fake"))
         await gateway.start()
-        server, port, checker = await create_server(settings, gateway, Authenticator())
+        server, port, checker, _ = await create_server(settings, gateway, Authenticator())
         await checker.set_serving(True)
         backend.encoder_gate, backend.encoder_started = asyncio.Event(), asyncio.Event()
         try:

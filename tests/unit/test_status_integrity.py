@@ -76,7 +76,7 @@ def _serve(settings: Settings, body, gateway=None, backend: FakeSamBackend | Non
         if gateway is None:
             gateway = Gateway(settings, DeadlineBoundBackend(backend or FakeSamBackend()), Metrics("fake"))
             await gateway.start()
-        server, port, checker = await create_server(settings, gateway, Authenticator.from_settings(settings))
+        server, port, checker, _ = await create_server(settings, gateway, Authenticator.from_settings(settings))
         await checker.set_serving(True)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
