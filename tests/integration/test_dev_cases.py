@@ -1,4 +1,6 @@
-"""All 40 real dev cases through the real gateway vs the in-process PyTorch LiteMedSAM.
+"""Real dev cases through the real gateway vs the in-process PyTorch LiteMedSAM: every other one
+of the 40, plus the first of any structure that leaves out (21, all 11 structures). The PyTorch
+reference costs ~1.5 s a case on 2 cores; the Triton test compares all 40 with the embedded backend.
 
 The reference (``export.reference.TorchReference.segment``) shares no code with the gateway:
 its own MedSAM-style preprocessing (intensities, longest side to 256, padding, box scaling,
@@ -22,9 +24,13 @@ def reference():
     return TorchReference(threads=2)
 
 
-def test_served_masks_agree_with_pytorch_on_all_dev_cases(client, reference, shared_data):
-    cases = load_cases(shared_data / "dev")
-    assert len(cases) == 40
+def test_served_masks_agree_with_pytorch_on_half_the_dev_cases_and_every_structure(client, reference, shared_data):
+    every = load_cases(shared_data / "dev")
+    assert len(every) == 40
+    cases = every[::2]
+    cases += [next(c for c in every if c.structure == s) for s in sorted({c.structure for c in every}
+                                                                        - {c.structure for c in cases})]
+    assert {c.structure for c in cases} == {c.structure for c in every}
     served, torch_dice, deltas = [], [], []
     for case in cases:
         box = reference_box(case.mask)
@@ -40,11 +46,12 @@ def test_served_masks_agree_with_pytorch_on_all_dev_cases(client, reference, sha
     mean_delta = float(np.mean(deltas))
     print(f"mean Dice served {np.mean(served):.4f}, pytorch {np.mean(torch_dice):.4f}, "
           f"mean |dDice| {mean_delta:.5f}, max {max(deltas):.5f}")
-    # Measured 2026-12: mean |dDice| 0.00066 (max 0.0067). Bugs the old shared-preprocessing
-    # reference could not see: API box used as index box (no -1) 0.0100, percentiles 2/98 0.051.
+    # Measured 2026-12 on all 40: mean |dDice| 0.00066 (max 0.0067); on these 21: 0.00067 (max
+    # 0.0033). Bugs the old shared-preprocessing reference could not see: API box used as index
+    # box (no -1) 0.0100, percentiles 2/98 0.051.
     assert mean_delta <= 0.005
-    # The reference itself (independent code) must still score what LiteMedSAM scores here.
-    assert np.mean(torch_dice) > 0.55
-    # Regression floor: box-prompted LiteMedSAM scores 0.577 mean Dice here (2026-11, see
-    # docs/EVALUATION.md); a broken transform (boxes mis-scaled, masks transposed) falls far below.
+    # Floors, the reference's (independent code) and the gateway's: box-prompted LiteMedSAM
+    # scores 0.528 mean Dice on these 21 (0.577 on all 40, docs/EVALUATION.md); a broken
+    # transform (boxes mis-scaled, masks transposed) falls far below.
+    assert np.mean(torch_dice) > 0.5
     assert np.mean(served) > 0.5
