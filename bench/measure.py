@@ -196,10 +196,13 @@ ENCODERS = {  # repository entry -> (label, gateway model, result key of its gat
     "medsam_lite_encoder": ("fp32, ONNX Runtime", "medsam_lite", "gateway_embedded"),
     "medsam_lite_int8_encoder": ("INT8 (dynamic MatMul), ONNX Runtime", "medsam_lite_int8", "gateway_embedded_int8"),
     "medsam_lite_bf16_encoder": ("BF16, OpenVINO", "medsam_lite_bf16", "gateway_embedded_bf16"),
+    "medsam_lite_int8_static_encoder": ("static INT8 (NNCF), OpenVINO", "medsam_lite_int8_static",
+                                        "gateway_embedded_static"),
 }
 NAMES = {"pytorch_reference": "(a) PyTorch reference, in process", "gateway_embedded": "(b) gateway, embedded ORT",
          "gateway_embedded_int8": "(b') gateway, embedded, INT8 encoder (ORT)",
          "gateway_embedded_bf16": "(b'') gateway, embedded, BF16 encoder (OpenVINO)",
+         "gateway_embedded_static": "(b''') gateway, embedded, static INT8 encoder (NNCF, OpenVINO)",
          "gateway_triton": "(c) gateway, Triton"}
 
 

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--no-triton", action="store_true")
-    parser.add_argument("--no-variants", action="store_true", help="skip the INT8 and BF16 encoder variants")
+    parser.add_argument("--no-variants", action="store_true", help="skip the INT8, BF16 and static INT8 encoder variants")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     parser.add_argument("--render-only", action="store_true",
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                      "load_start": measure.load_average()}
     print("matmul peak ...", flush=True)
     results["matmul_gflops"] = measure.matmul_gflops(threads=2)
-    variants = [] if args.no_variants else ["medsam_lite_int8", "medsam_lite_bf16"]
+    variants = [] if args.no_variants else ["medsam_lite_int8", "medsam_lite_bf16", "medsam_lite_int8_static"]
     for variant in variants:
-        if not (REPO / "model_repository" / f"{variant}_encoder" / "1" / "model.onnx").is_file():
+        if not (REPO / "model_repository" / f"{variant}_encoder" / "config.pbtxt").is_file():
             subprocess.run([sys.executable, "-m", "export", variant], cwd=REPO, check=True)
     encoders = ("medsam_lite_encoder", *(f"{v}_encoder" for v in variants))
     print("model time in process ...", flush=True)

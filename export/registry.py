@@ -27,6 +27,7 @@ EXPORTERS: dict[str, Callable[[ExportOptions], list[Path]]] = {
     "medsam_lite": export_medsam_lite,
     "medsam_lite_int8": _encoder_variant("medsam_lite_int8"),
     "medsam_lite_bf16": _encoder_variant("medsam_lite_bf16"),
+    "medsam_lite_int8_static": _encoder_variant("medsam_lite_int8_static"),
     "medsam_lite_tensorrt": tensorrt_engines.export_medsam_lite_tensorrt,
     "unet": export_unet,
     "sam": export_sam,

@@ -4,7 +4,8 @@ Candidates are the LiteMedSAM variants present in the model repository (each wri
 ``python -m export`` only if it passed its guard) that this CPU runs natively:
 
 * ``medsam_lite`` (fp32): always;
-* ``medsam_lite_int8``: with ``avx512_vnni`` or ``avx_vnni`` in ``/proc/cpuinfo``'s flags;
+* ``medsam_lite_int8`` and ``medsam_lite_int8_static``: with ``avx512_vnni`` or ``avx_vnni`` in
+  ``/proc/cpuinfo``'s flags;
 * ``medsam_lite_bf16``: with ``avx512_bf16`` or ``amx_bf16`` (without them OpenVINO computes
   it in fp32: correct, never faster).
 
@@ -28,15 +29,19 @@ from typing import Collection, Mapping
 
 AUTO = "auto"
 FP32, INT8, BF16 = "medsam_lite", "medsam_lite_int8", "medsam_lite_bf16"
+INT8_STATIC = "medsam_lite_int8_static"
+VNNI = ("avx512_vnni", "avx_vnni")
 # model -> CPU flags of which one is needed to run it natively (empty: every CPU)
 NATIVE_FLAGS: dict[str, tuple[str, ...]] = {
     FP32: (),
-    INT8: ("avx512_vnni", "avx_vnni"),
+    INT8: VNNI,
     BF16: ("avx512_bf16", "amx_bf16"),
+    INT8_STATIC: VNNI,
 }
-# The order when nothing was measured: BF16, INT8, fp32 (their speed order where they run
-# natively; issue 14 measured 337 / 421 / 725 ms per new image side by side on one machine).
-PREFERENCE: tuple[str, ...] = (BF16, INT8, FP32)
+# The order when nothing was measured: static INT8, BF16, INT8, fp32 (their speed order where
+# they run natively; issue 14 measured 337 / 421 / 725 ms per new image for BF16 / INT8 / fp32
+# side by side on one machine, and the static INT8 encoder ~0.75-0.8x BF16's time).
+PREFERENCE: tuple[str, ...] = (INT8_STATIC, BF16, INT8, FP32)
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:

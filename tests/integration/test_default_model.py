@@ -24,7 +24,7 @@ BOX = [(10, 12, 70, 80)]
 
 
 def _present(repository) -> set[str]:
-    return {m for m in PREFERENCE if (repository / f"{m}_encoder" / "1" / "model.onnx").is_file()}
+    return {m for m in PREFERENCE if (repository / f"{m}_encoder" / "config.pbtxt").is_file()}
 
 
 @contextmanager

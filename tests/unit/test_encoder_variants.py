@@ -25,7 +25,7 @@ from service.inference.predictor import SamPredictor, sessions_run
 from service.settings import Settings
 from tests.unit.fake_sam import zero_answer
 
-BF16, INT8 = "medsam_lite_bf16", "medsam_lite_int8"
+BF16, INT8, INT8_STATIC = "medsam_lite_bf16", "medsam_lite_int8", "medsam_lite_int8_static"
 
 
 def test_the_bf16_variant_has_its_own_openvino_bf16_decoder_named_by_its_encoder():
@@ -57,7 +57,7 @@ def test_the_int8_variant_shares_the_fp32_decoder():
 
 @pytest.fixture
 def repository(tmp_path) -> Path:
-    """config.pbtxt entries of fp32 and both variants, as the exporter derives them (no ONNX files)."""
+    """config.pbtxt entries of fp32 and every variant, as the exporter derives them (no ONNX files)."""
     fp32_encoder, fp32_decoder = medsam_lite_entries()
     entries = [fp32_encoder, fp32_decoder]
     for variant in VARIANTS.values():
@@ -69,12 +69,14 @@ def repository(tmp_path) -> Path:
 
 def test_the_repository_serves_the_bf16_variant_with_its_decoder(repository):
     models = discover(repository, "medsam_lite")
-    assert set(models) == {"medsam_lite", INT8, BF16}
+    assert set(models) == {"medsam_lite", INT8, BF16, INT8_STATIC}
     bf16 = models[BF16]
     assert isinstance(bf16, SamModel)
     assert bf16.decoder.name == f"{BF16}_decoder" and bf16.decoder.runtime.precision == "bf16"
     assert bf16.decoder.runtime.runtime == "openvino" and bf16.encoder.runtime.runtime == "openvino"
     assert models[INT8].decoder.name == models["medsam_lite"].decoder.name == "medsam_lite_decoder"
+    assert models[INT8_STATIC].encoder.onnx_path().name == "model.xml"
+    assert models[INT8_STATIC].decoder.name == f"{INT8_STATIC}_decoder"
 
 
 class RecordingBackend:
@@ -105,10 +107,11 @@ def test_the_gateway_loads_each_repository_entry_once_and_runs_the_bf16_decoder(
     gateway = Gateway(Settings(model_repository=repository, default_model="medsam_lite"), backend, NullObserver())
     asyncio.run(gateway.start())
     assert sorted(backend.started) == sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
-    assert len(backend.started) == len(set(backend.started)) == 5
+    assert len(backend.started) == len(set(backend.started)) == 7
     # warm-up: one encoder and one decoder call per model; the shared fp32 decoder twice
     assert backend.calls == {"medsam_lite_encoder": 1, f"{INT8}_encoder": 1, f"{BF16}_encoder": 1,
-                             "medsam_lite_decoder": 2, f"{BF16}_decoder": 1}
+                             f"{INT8_STATIC}_encoder": 1, "medsam_lite_decoder": 2, f"{BF16}_decoder": 1,
+                             f"{INT8_STATIC}_decoder": 1}
 
 
 def _fake_predictor(repository: Path, calls: Counter) -> SamPredictor:
@@ -161,3 +164,22 @@ def test_with_decoder_opens_an_onnx_file_with_the_entrys_runtime(repository, tmp
     staged.write_bytes(b"not read: open_session is faked")
     base.with_decoder(entry, staged)
     assert opened == [(staged, {runtimes.RUNTIME: "openvino", runtimes.PRECISION: "bf16"}, False)]
+
+
+def test_the_static_int8_variant_is_openvino_ir_with_its_own_bf16_decoder():
+    fp32_encoder, fp32_decoder = medsam_lite_entries()
+    encoder, decoder = variant_entries(VARIANTS[INT8_STATIC], fp32_encoder, fp32_decoder)
+    assert encoder.runtime.onnx_filename == "model.xml" and encoder.runtime.runtime == "openvino"
+    assert encoder.runtime.precision == "bf16"  # what NNCF left in floating point runs in BF16
+    assert decoder is not None and decoder.name == f"{INT8_STATIC}_decoder" == encoder.gateway.decoder
+    assert decoder.runtime.onnx_filename == "model.onnx" and decoder.runtime.precision == "bf16"
+    assert encoder.gateway.version.endswith("-int8s") and decoder.gateway.version.endswith("-int8s")
+    # Triton's python backend and the embedded runtimes find the IR by the entry's file name
+    assert "model.xml" in encoder.render("cpu")
+
+
+def test_an_ir_file_is_staged_and_moved_with_its_weights(tmp_path):
+    from export.encoder_variants import _siblings
+
+    assert _siblings(tmp_path / "model.tmp.xml") == [tmp_path / "model.tmp.xml", tmp_path / "model.tmp.bin"]
+    assert _siblings(tmp_path / "model.tmp.onnx") == [tmp_path / "model.tmp.onnx"]

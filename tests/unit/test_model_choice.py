@@ -125,12 +125,12 @@ class TimedBackend:
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
-    """config.pbtxt entries of all three variants, as the exporters write them (no ONNX files)."""
+    """config.pbtxt entries of the three variants of ALL, as the exporters write them (no ONNX files)."""
     repo = tmp_path_factory.mktemp("variants")
     encoder, decoder = medsam_lite_entries()
     for entry in (encoder, decoder):
         write_config(repo, entry, "cpu")
-    for name, variant in VARIANTS.items():
+    for name, variant in ((n, VARIANTS[n]) for n in ALL if n != FP32):
         write_config(repo, replace(encoder, name=f"{name}_encoder", runtime=variant.runtime,
                                    gateway=replace(encoder.gateway, model=name, decoder=decoder.name,
                                                    version=encoder.gateway.version + variant.version_suffix)), "cpu")
@@ -201,3 +201,15 @@ def test_the_flag_defaults_to_auto_and_pins_by_name():
     assert Settings.from_args([], environ={}).default_model == AUTO
     assert Settings.from_args(["--default-model", FP32], environ={}).default_model == FP32
     assert Settings.from_args([], environ={"MEDSEG_DEFAULT_MODEL_RUNS": "0"}).default_model_runs == 0
+
+
+def test_the_static_int8_variant_needs_vnni_and_comes_first_when_nothing_is_measured():
+    from service.inference.model_choice import INT8_STATIC
+
+    assert model_choice.runs_natively(INT8_STATIC, {"avx512_vnni"}) and model_choice.runs_natively(INT8_STATIC, {"avx_vnni"})
+    assert not model_choice.runs_natively(INT8_STATIC, {"avx512_bf16", "avx2"})
+    present = (*ALL, INT8_STATIC)
+    assert choose(AUTO, present, EVERY_FLAG, None, "measuring off").model == INT8_STATIC
+    assert choose(AUTO, present, {"avx512_bf16"}, None, "measuring off").model == BF16  # no VNNI here
+    measured = choose(AUTO, present, EVERY_FLAG, {FP32: 0.6, INT8: 0.4, BF16: 0.2, INT8_STATIC: 0.3})
+    assert measured.model == BF16 and measured.measured  # the measurement wins over the preference
