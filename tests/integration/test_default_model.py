@@ -95,3 +95,20 @@ def test_an_explicit_default_model_pins_fp32(model_repository, tmp_path):
         assert unnamed == "medsam_lite"
         assert "default model: medsam_lite (pinned by --default-model)" in gw.log()
         assert AUTO not in {m.name for m in models}
+
+
+def test_make_models_wrote_the_static_int8_variant_behind_its_guard(model_repository):
+    """`make models` (run before the suite) exports the static INT8 variant; like BF16's, a failed
+    guard leaves it out, and this test then fails."""
+    from service.backends.repository import RepositoryEntry
+
+    encoder = RepositoryEntry.read(model_repository / "medsam_lite_int8_static_encoder")
+    decoder = RepositoryEntry.read(model_repository / encoder.gateway.decoder)
+    ir = encoder.onnx_path()
+    assert ir.name == "model.xml" and ir.is_file() and ir.with_suffix(".bin").is_file()
+    assert not list(ir.parent.glob("*.tmp.*"))
+    assert decoder.name == "medsam_lite_int8_static_decoder" and decoder.onnx_path().is_file()
+    # the guard's verdict, with its evidence, is in the description ListModels shows
+    assert ("mean Dice within 0.005 of fp32 on 40 dev cases" in encoder.gateway.description
+            or "no dev cases at export" in encoder.gateway.description), encoder.gateway.description
+    assert encoder.gateway.memory_bytes > 0 and decoder.gateway.memory_bytes > 0
