@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
+from bench.harness import GatewayProcess, TritonProcess, ensure_models, fp32_repository  # noqa: E402
 from bench.load_test import DOC, open_loop, percentile, write_section  # noqa: E402
 from export.dev_cases import SHARED_DATA, iou, load_cases, reference_box  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
@@ -114,8 +114,10 @@ def run_fault(duration: float = 45.0, kill_at: float = 10.0, rate: float = 0.5, 
               scenario: str = "kill", hang_s: float = 8.0, workdir: Path | None = None) -> FaultResult:
     ensure_models()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="medseg-fault-"))
-    triton = TritonProcess(tmp / "triton").start()
-    gw = GatewayProcess(tmp / "gw", "--backend", "triton", "--triton-url", triton.grpc_target, "--cache-bytes", "0",
+    repository = fp32_repository(tmp)  # the fault path, not the variants: Triton restarts with 2 entries
+    triton = TritonProcess(tmp / "triton", repository).start()
+    gw = GatewayProcess(tmp / "gw", "--backend", "triton", "--triton-url", triton.grpc_target,
+                        "--model-repository", str(repository), "--cache-bytes", "0",
                         "--max-inflight", "4", "--max-queue", "8", "--backend-timeout-s", "30",
                         "--log-level", "WARNING", "--audit-log", str(tmp / "audit.log"))
     watch = HealthWatch(gw)

@@ -38,6 +38,22 @@ def ensure_models() -> Path:
     return MODEL_REPOSITORY
 
 
+FP32_ENTRIES = ("medsam_lite_encoder", "medsam_lite_decoder")
+
+
+def fp32_repository(tmp: Path, repository: Path = MODEL_REPOSITORY) -> Path:
+    """A repository of links to the fp32 LiteMedSAM entries only, for runs about the serving
+    path rather than the variants (a Triton server then loads 2 entries, not every variant:
+    it starts, restarts and warms up faster). Pass it to both TritonProcess and the gateway
+    (``--model-repository``)."""
+    out = Path(tmp) / "fp32-repository"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FP32_ENTRIES:
+        if not (out / name).exists():
+            (out / name).symlink_to((repository / name).resolve(), target_is_directory=True)
+    return out
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from medseg_client import SegmentationClient
-from tests.harness import GatewayProcess, TritonProcess, ensure_models
+from tests.harness import GatewayProcess, TritonProcess, ensure_models, fp32_repository
 from tests.sam_models import tiny_sam_repository
 
 # Small enough to test RESOURCE_EXHAUSTED cheaply, large enough for every real test image.
@@ -39,8 +39,11 @@ def client(gateway):
 
 @pytest.fixture(scope="session")
 def triton(model_repository, tmp_path_factory):
-    """A real tritonserver (nvidia-pytriton wheel, python backend + ONNX Runtime) on loopback."""
-    proc = TritonProcess(tmp_path_factory.mktemp("triton"))
+    """A real tritonserver (nvidia-pytriton wheel, python backend + ONNX Runtime) on loopback,
+    serving the fp32 LiteMedSAM entries (``proc.repository``; the variants have their own Triton
+    tests: test_encoder_variants.py, test_sam_checkpoint.py)."""
+    tmp = tmp_path_factory.mktemp("triton")
+    proc = TritonProcess(tmp, fp32_repository(tmp))
     try:  # start() kills what it started when it fails; stop() covers everything after
         proc.start()
         yield proc
@@ -52,7 +55,8 @@ def triton(model_repository, tmp_path_factory):
 def triton_gateway(triton, tmp_path_factory):
     """A second real gateway, ``--backend triton``, in front of the ``triton`` fixture."""
     proc = GatewayProcess(tmp_path_factory.mktemp("gateway-triton"), "--backend", "triton",
-                          "--triton-url", triton.grpc_target, "--max-prompts", "8", "--default-model", "medsam_lite",
+                          "--triton-url", triton.grpc_target, "--model-repository", str(triton.repository),
+                          "--max-prompts", "8", "--default-model", "medsam_lite",
                           "--backend-timeout-s", "120")
     try:
         proc.start().wait_serving()

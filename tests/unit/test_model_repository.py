@@ -1,4 +1,5 @@
-"""Every config.pbtxt parses with Triton's own schema and matches the ONNX file beside it."""
+"""Every config.pbtxt parses with Triton's own schema and matches the model file beside it (ONNX,
+or OpenVINO IR for the static INT8 encoder)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,31 @@ def _onnx_dims(value_info) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim]
 
 
-def test_the_repository_has_the_litemedsam_entries():
-    names = {p.parent.name for p in CONFIGS}
-    assert {"medsam_lite_encoder", "medsam_lite_decoder"} <= names
+_OPENVINO_TO_TRITON = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "i64": "TYPE_INT64", "i32": "TYPE_INT32",
+                       "u8": "TYPE_UINT8", "boolean": "TYPE_BOOL"}
+Port = tuple[frozenset, str, list]  # (tensor names, Triton data type, dims with -1 for dynamic)
+
+
+def _ports(model_file: Path) -> tuple[list[Port], list[Port]]:
+    """(inputs, outputs) of an ONNX file, or of OpenVINO IR (an IR port may carry several names)."""
+    if model_file.suffix == ".xml":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(model_file))
+
+        def ports(items) -> list[Port]:
+            return [(frozenset(p.get_names()), _OPENVINO_TO_TRITON[p.get_element_type().get_type_name()],
+                     [d.get_length() if d.is_static else -1 for d in p.get_partial_shape()]) for p in items]
+
+        return ports(model.inputs), ports(model.outputs)
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def values(items) -> list[Port]:
+        return [(frozenset([v.name]), _ONNX_TO_TRITON[v.type.tensor_type.elem_type], _onnx_dims(v)) for v in items
+                if v.name not in initializers]
+
+    return values(graph.input), values(graph.output)
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.parent.name)
@@ -42,16 +65,12 @@ def test_config_matches_the_onnx_file_beside_it(repository, config_path):
                                              if "onnx_filename" in cfg.parameters else cfg.default_model_filename)
     if not model_file.is_file():
         pytest.fail(f"{model_file} missing: export it (python -m export ...) before running the tests")
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-    onnx_inputs = {v.name: v for v in graph.input if v.name not in initializers}
-    onnx_outputs = {v.name: v for v in graph.output}
-    for declared, actual in ((cfg.input, onnx_inputs), (cfg.output, onnx_outputs)):
-        assert {t.name for t in declared} == set(actual), "tensor names differ"
-        for t in declared:
-            value = actual[t.name]
-            assert mc.DataType.Name(t.data_type) == _ONNX_TO_TRITON[value.type.tensor_type.elem_type], t.name
-            dims = _onnx_dims(value)
+    inputs, outputs = _ports(model_file)
+    for declared, actual in ((cfg.input, inputs), (cfg.output, outputs)):
+        matched = [next((port for port in actual if t.name in port[0]), None) for t in declared]
+        assert None not in matched and len(declared) == len(actual), "tensor names differ"
+        for t, (_, dtype, dims) in zip(declared, matched):
+            assert mc.DataType.Name(t.data_type) == dtype, t.name
             if cfg.max_batch_size > 0:
                 assert dims[0] == -1, f"{t.name}: the batch axis must be dynamic in the ONNX file"
                 dims = dims[1:]
