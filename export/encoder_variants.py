@@ -176,11 +176,10 @@ def export_encoder_variant(variant: EncoderVariant, opts: ExportOptions, data_di
         for _, tmp, _ in staged:
             for path in _siblings(tmp):
                 path.unlink(missing_ok=True)
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: something else is in it
-                pass
+        # Folders this export made go whole (a bare clone's failed guard left config.pbtxt files
+        # behind, and the gateway then refused to start on the half entry).
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     passed = (f"mean Dice within {MAX_DICE_DROP} of fp32 on {evidence.images} dev cases (drop {score:+.4f})"
               if evidence.kind == "dev" else
