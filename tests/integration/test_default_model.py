@@ -112,3 +112,33 @@ def test_make_models_wrote_the_static_int8_variant_behind_its_guard(model_reposi
     assert ("mean Dice within 0.005 of fp32 on 40 dev cases" in encoder.gateway.description
             or "no dev cases at export" in encoder.gateway.description), encoder.gateway.description
     assert encoder.gateway.memory_bytes > 0 and decoder.gateway.memory_bytes > 0
+
+
+def _fed_by_fake_quantize(node, hops: int = 3) -> bool:
+    """Whether a FakeQuantize op lies within ``hops`` producers above ``node`` (NNCF quantises
+    a layer by FakeQuantize on its activation input and on its weights' path)."""
+    for port in node.inputs():
+        parent = port.get_source_output().get_node()
+        if parent.get_type_name() == "FakeQuantize" or (hops > 1 and _fed_by_fake_quantize(parent, hops - 1)):
+            return True
+    return False
+
+
+def test_the_static_int8_encoder_keeps_its_first_stage_in_floating_point(model_repository):
+    """The written IR quantises the transformer stages but not the convolutional first stage
+    (export.encoder_variants.FLOAT_SCOPE: quantised, it made the shipped-image guard fail)."""
+    import re
+
+    import openvino as ov
+
+    from export.encoder_variants import FLOAT_SCOPE
+    from service.backends.repository import RepositoryEntry
+
+    ir = RepositoryEntry.read(model_repository / "medsam_lite_int8_static_encoder").onnx_path()
+    layers = [op for op in ov.Core().read_model(str(ir)).get_ops()
+              if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
+    in_scope = [op for op in layers if any(re.fullmatch(p, op.get_friendly_name()) for p in FLOAT_SCOPE)]
+    assert len(in_scope) >= 10, [op.get_friendly_name() for op in layers][:20]
+    assert not [op.get_friendly_name() for op in in_scope if _fed_by_fake_quantize(op)]
+    quantised = [op.get_friendly_name() for op in layers if op not in in_scope and _fed_by_fake_quantize(op)]
+    assert len(quantised) >= 40, quantised   # the attention and MLP MatMuls of stages 1-3 (60 MatMuls in all)
