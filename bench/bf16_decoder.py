@@ -40,9 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.docs import write_section  # noqa: E402
 from bench import measure  # noqa: E402
 
-BEGIN, END = "<!-- bf16-decoder:begin -->", "<!-- bf16-decoder:end -->"
+SECTION = "bf16-decoder"  # docs/BENCHMARKS.md markers (bench.docs)
 BF16 = "medsam_lite_bf16"
 WARMUP = 3
 
@@ -145,17 +146,6 @@ def render_section(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace what lies between the markers in ``path`` (append them at the end when absent)."""
-    text = path.read_text() if path.is_file() else ""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text)
-
 
 def main(argv: list[str] | None = None) -> int:
     from service.inference.model_choice import cpu_flags, runs_natively
@@ -180,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                     args.data_dir))
     results["load_end"] = measure.load_average()
     section = render_section(results)
-    write_section(args.out, section)
+    write_section(args.out, SECTION, section)
     print(section)
     return 0
 

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.harness import GatewayProcess, TritonProcess, ensure_models, fp32_repository  # noqa: E402
-from bench.load_test import DOC, open_loop, percentile, write_section  # noqa: E402
+from bench.docs import write_section  # noqa: E402
+from bench.load_test import DOC, open_loop, percentile  # noqa: E402
 from export.dev_cases import SHARED_DATA, iou, load_cases, reference_box  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 from medseg_client import SegmentationClient, image_from_array  # noqa: E402

@@ -37,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.docs import write_section  # noqa: E402
 from bench.harness import GatewayProcess, ensure_models, metric_value  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 from medseg_client._generated import segmentation_pb2_grpc as pb_grpc  # noqa: E402
@@ -263,16 +264,6 @@ def markdown(r: LoadResult) -> str:
         f"| embedding cache at the end | {r.cache_bytes / 2**20:.0f} MiB of {r.cache_limit / 2**20:.0f} MiB |",
     ])
 
-
-def write_section(doc: Path, name: str, body: str) -> None:
-    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``doc``."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = doc.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{doc} has no {begin} ... {end} section")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import measure  # noqa: E402
+from bench.docs import markers  # noqa: E402
 from bench.harness import GatewayProcess, TritonProcess, ensure_models  # noqa: E402
 from export.dev_cases import SHARED_DATA  # noqa: E402
 from medseg_client import SegmentationClient, image_from_array  # noqa: E402
@@ -141,8 +142,8 @@ def dev_dice_by_encoder(encoders: tuple[str, ...]) -> dict[str, list[float]]:
 
 
 # Sections other scripts write into the same report (their own runs), kept as they are.
-KEPT_SECTIONS = (("<!-- volumes:begin -->", "<!-- volumes:end -->"),  # bench/volume_bench.py
-                 ("<!-- bf16-decoder:begin -->", "<!-- bf16-decoder:end -->"))  # bench/bf16_decoder.py
+KEPT_SECTIONS = (markers("volumes"),        # bench/volume_bench.py
+                 markers("bf16-decoder"))   # bench/bf16_decoder.py
 VOLUMES_BEGIN, VOLUMES_END = KEPT_SECTIONS[0]
 
 

@@ -29,12 +29,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.docs import write_section  # noqa: E402
 from bench.harness import MODEL_REPOSITORY, GatewayProcess, ensure_models, proc_status  # noqa: E402
 from bench.measure import machine  # noqa: E402
 from medseg_client import SegmentationClient, image_from_array  # noqa: E402
 from medseg_client._generated import segmentation_pb2 as pb  # noqa: E402
 
-BEGIN, END = "<!-- sam-hostile:begin -->", "<!-- sam-hostile:end -->"
+SECTION = "sam-hostile"  # markers in the doc (bench.docs)
 TINY = "sam_vit_tiny"
 
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows_out.append(f"| {name} | {', '.join(sorted(codes[name]))} |")
             client.close()
     after = [r for r, _ in rss]
-    lines = [BEGIN, "", "## SAM models: bad and abandoned calls", "",
+    lines = ["", "## SAM models: bad and abandoned calls", "",
              f"Measured {dt.datetime.now().isoformat(timespec='minutes')} on {machine()}; command: "
              f"`python bench/sam_hostile.py --rounds {args.rounds}`. A real gateway serving a tiny random SAM "
              "(real segment_anything classes, reduced width) beside LiteMedSAM; warm-up: every good SAM path once "
@@ -170,15 +171,10 @@ def main(argv: list[str] | None = None) -> int:
              "| call | status |", "|---|---|", *rows_out, "",
              f"Warm baseline RSS {mib(baseline)}; after each of the {args.rounds} rounds: "
              + ", ".join(f"{mib(r)} ({(r - baseline) / 2**20:+.0f} MiB)" for r in after)
-             + f"; still serving after every round: {'yes' if all(s for _, s in rss) else 'NO'}.", "", END]
+             + f"; still serving after every round: {'yes' if all(s for _, s in rss) else 'NO'}.", ""]
     text = "\n".join(lines)
     print(text)
-    doc = args.out.read_text() if args.out.is_file() else ""
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    args.out.write_text(doc)
+    write_section(args.out, SECTION, text)
     return 0
 
 

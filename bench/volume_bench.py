@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.docs import write_section  # noqa: E402
 from bench import measure  # noqa: E402
 from bench.harness import GatewayProcess, ensure_models, metric_value, proc_status, reset_peak  # noqa: E402
 
@@ -57,7 +58,7 @@ SUBJECT = "colin27_t1"
 DEFAULT_STRUCTURE, QUICK_STRUCTURE = "thalamus_left", "pallidum_left"
 CT = "promed_ct_0051"
 MEMORY_SHAPE, QUICK_MEMORY_SHAPE = (300, 512, 512), (60, 512, 512)   # (Z, H, W) int16
-BEGIN, END = "<!-- volumes:begin -->", "<!-- volumes:end -->"
+SECTION = "volumes"  # docs/BENCHMARKS.md markers (bench.docs)
 FIRST_SLICE_SLACK_S = 0.100
 OVERHEAD_TARGET = 0.10
 MEMORY_TARGET = 2.5
@@ -499,18 +500,6 @@ def render_section(r: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace what lies between the markers in ``path`` (append them at the end when absent)."""
-    text = path.read_text() if path.is_file() else ""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text)
-
 
 def notes(r: dict) -> list[str]:
     """Anomalies worth a line under the tables."""
@@ -555,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.render_only:
         section = render_section(json.loads(args.json.read_text()))
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
         print(section)
         return 0
     args.structure = args.structure or (QUICK_STRUCTURE if args.quick else DEFAULT_STRUCTURE)
@@ -578,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     results["notes"] = notes(results)
     args.json.write_text(json.dumps(results, indent=2))
     section = render_section(results)
-    write_section(args.out, section)
+    write_section(args.out, SECTION, section)
     print(section)
     print(f"({results['seconds']:.0f} s in all)")
     return 0

@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.docs import write_section  # noqa: E402
 from bench.harness import GatewayProcess, ensure_models, proc_status  # noqa: E402
 from bench.measure import machine  # noqa: E402
 from bench.orthanc import OrthancProcess  # noqa: E402
@@ -38,7 +39,7 @@ from medseg_client import SegmentationClient  # noqa: E402
 from medseg_client._generated import volumes_pb2 as vpb  # noqa: E402
 from medseg_client._generated import volumes_pb2_grpc as vpb_grpc  # noqa: E402
 
-BEGIN, END = "<!-- volume-hostile:begin -->", "<!-- volume-hostile:end -->"
+SECTION = "volume-hostile"  # markers in the doc (bench.docs)
 
 
 def mib(n: int) -> str:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway.stop()
             pacs.stop()
     after = [r for r, _ in rss]
-    lines = [BEGIN, "", "## Volumes: bad and abandoned calls", "",
+    lines = ["", "## Volumes: bad and abandoned calls", "",
              f"Measured {dt.datetime.now().isoformat(timespec='minutes')} on {machine()}; command: "
              f"`python bench/volume_hostile.py --rounds {args.rounds}`. A real gateway, a colin27 volume uploaded "
              "and segmented once (warm: every slice embedded) and one SegmentStudy through a real Orthanc, then each "
@@ -190,15 +191,10 @@ def main(argv: list[str] | None = None) -> int:
              "| call | status |", "|---|---|", *rows_out, "",
              f"Warm baseline RSS {mib(baseline)}; after each of the {args.rounds} rounds: "
              + ", ".join(f"{mib(r)} ({(r - baseline) / 2**20:+.0f} MiB)" for r in after)
-             + f"; still serving after every round: {'yes' if all(s for _, s in rss) else 'NO'}.", "", END]
+             + f"; still serving after every round: {'yes' if all(s for _, s in rss) else 'NO'}.", ""]
     text = "\n".join(lines)
     print(text)
-    doc = args.out.read_text() if args.out.is_file() else ""
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    args.out.write_text(doc)
+    write_section(args.out, SECTION, text)
     return 0
 
 

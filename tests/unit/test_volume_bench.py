@@ -85,16 +85,19 @@ def test_a_slower_first_slice_and_different_slice_counts_are_flagged():
 
 
 def test_the_section_replaces_only_what_lies_between_its_markers(tmp_path):
+    from bench.docs import markers, write_section
+
+    begin, end = markers(vb.SECTION)
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nbefore\n")
-    vb.write_section(doc, "## 3-D volumes\n\nold-run\n")
-    assert doc.read_text() == f"# Benchmarks\n\nbefore\n\n{vb.BEGIN}\n## 3-D volumes\n\nold-run\n{vb.END}\n"
+    write_section(doc, vb.SECTION, "## 3-D volumes\n\nold-run\n")
+    assert doc.read_text() == f"# Benchmarks\n\nbefore\n\n{begin}\n## 3-D volumes\n\nold-run\n{end}\n"
     doc.write_text(doc.read_text() + "\n## after\n\nkept\n")
-    vb.write_section(doc, vb.render_section({k: v for k, v in RESULTS.items() if k != "memory"}))
+    write_section(doc, vb.SECTION, vb.render_section({k: v for k, v in RESULTS.items() if k != "memory"}))
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\nbefore\n\n" + vb.BEGIN + "\n## 3-D volumes\n")
-    assert text.endswith(vb.END + "\n\n## after\n\nkept\n")
-    assert "old-run" not in text and text.count(vb.BEGIN) == 1 and "Memory:" not in text
+    assert text.startswith("# Benchmarks\n\nbefore\n\n" + begin + "\n## 3-D volumes\n")
+    assert text.endswith(end + "\n\n## after\n\nkept\n")
+    assert "old-run" not in text and text.count(begin) == 1 and "Memory:" not in text
 
 
 def test_the_volume_benchmark_cli_answers_help():
