@@ -217,6 +217,7 @@ def extent(masks: np.ndarray) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- the label
 def volume_pseudo_label(vp_or_predictor: VolumePredictor | SamPredictor, volume: Volume,
                         reference_or_box: Volume | np.ndarray | tuple[int, Box], *, key_slices: int = 1,
+                        keys: Sequence[int] | None = None,
                         jitter: float | None = None, seed: int = 0, bounds: tuple[int, int] | None = None,
                         rules: UncertainRules = UncertainRules(), propagation: prop.Rules = prop.Rules(),
                         name: str = "structure") -> VolumePseudoLabel:
@@ -226,7 +227,11 @@ def volume_pseudo_label(vp_or_predictor: VolumePredictor | SamPredictor, volume:
     ``(Z, H, W)`` model orientation), from which the box(es) are simulated; or ``(k, box)``:
     a box a person drew on slice ``k``, XYXY in that slice's *input-convention* pixels (one
     key slice; ``key_slices`` and ``jitter`` then do not apply). ``bounds``: the slice range
-    propagation may cover (default the whole volume). A :class:`SamPredictor` is wrapped in a
+    propagation may cover (default the whole volume). ``keys``: explicit key slices (model
+    orientation) instead of the rule of :func:`key_slices_of` (``key_slices`` then does not
+    apply; :mod:`training.key_slices` chooses them): the reference's box is drawn on each one
+    that has reference pixels, and one without gets no box (a person sees nothing there).
+    A :class:`SamPredictor` is wrapped in a
     :class:`VolumePredictor` with ``propagation``; a given ``VolumePredictor`` keeps its rules
     (and its cached slice embeddings).
     """
@@ -238,7 +243,13 @@ def volume_pseudo_label(vp_or_predictor: VolumePredictor | SamPredictor, volume:
         ref_extent = None
     else:
         ref = reference_slices(reference_or_box, volume)
-        keys = key_slices_of(ref.reshape(len(ref), -1).sum(axis=1), key_slices)
+        if keys is None:
+            keys = key_slices_of(ref.reshape(len(ref), -1).sum(axis=1), key_slices)
+        else:
+            keys = sorted({int(k) for k in keys})
+            if keys and not 0 <= keys[0] <= keys[-1] < len(ref):
+                raise ValueError(f"key slices {keys} outside the volume's {len(ref)} slices")
+            keys = [k for k in keys if ref[k].any()]
         anchors = [(k, drawn_box(ref[k], jitter, wl.case_rng(seed, f"{name}:{k}"))) for k in keys]
         ref_extent = extent(ref)
     lo, hi = bounds if bounds is not None else (0, volume.depth - 1)
