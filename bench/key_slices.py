@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.measure import cpu_name  # noqa: E402
 from service.core.volume import VolumeSource, load_volume  # noqa: E402
 from service.inference.predictor import SamPredictor  # noqa: E402
 from service.inference.volume_predictor import VolumePredictor  # noqa: E402
@@ -45,16 +46,6 @@ STRUCTURES = ("thalamus_left", "putamen_left", "caudate_left", "hippocampus_left
 SECTION = "key_slices"
 HEADING = "## Choosing which slices to annotate"
 PROSE = f"<!-- {SECTION}:prose -->"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -27,16 +27,20 @@ def percentiles(seconds: list[float]) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
-def machine() -> str:
-    cpu = "unknown cpu"
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return platform.processor() or "unknown cpu"
+
+
+def machine() -> str:
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}")
 
 
 def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 10) -> dict:
