@@ -229,9 +229,10 @@ def cmd_train_volume(args: argparse.Namespace) -> int:
     from training import volume_training as vt
 
     volume = vt.read_volume(args.volume, _window(args))
-    if args.method == "pseudo":
+    pseudo = args.method in vt.PSEUDO_METHODS
+    if pseudo:
         if args.pseudo is None:
-            raise SystemExit("--method pseudo needs --pseudo DIR (written by volume-pseudo-labels)")
+            raise SystemExit(f"--method {args.method} needs --pseudo DIR (written by volume-pseudo-labels)")
         name = args.pseudo_name or _only_label(args.pseudo)
         labels, pl = vt.pseudo_label_map(args.pseudo, name, volume)
         source = {"volume": str(args.volume), "pseudo": str(args.pseudo / f"{name}.json"),
@@ -241,7 +242,7 @@ def cmd_train_volume(args: argparse.Namespace) -> int:
             raise SystemExit(f"--method {args.method} needs --reference MASK.nii.gz")
         labels = vt.label_map(vt.model_masks(args.reference, volume))
         source = {"volume": str(args.volume), "reference": str(args.reference)}
-    structure = args.structure or (name if args.method == "pseudo" else args.reference.name.split(".")[0])
+    structure = args.structure or (name if pseudo else args.reference.name.split(".")[0])
     cfg = _config(args, structure=structure)
     result = vt.train_volume(cfg, volume, labels, args.method, args.run_dir, resume=not args.restart,
                              background_every=args.background_every, source=source, progress=not args.no_progress)
@@ -381,14 +382,16 @@ def parser() -> argparse.ArgumentParser:
 
     from training.volume_training import BACKGROUND_EVERY, METHODS as VOLUME_METHODS
 
-    p = sub.add_parser("train-volume", help="the U-Net on the slices of one volume: reference masks or a "
-                                            "volume pseudo-label (uncertain ignored); resumes by default")
+    p = sub.add_parser("train-volume", help="the U-Net on the slices of one volume: reference masks, their "
+                                            "per-slice boxes or a volume pseudo-label (uncertain ignored); "
+                                            "resumes by default")
     _train_args(p)
     p.add_argument("--method", choices=tuple(VOLUME_METHODS), required=True,
                    help="; ".join(f"{k}: {v[1]}" for k, v in VOLUME_METHODS.items()))
     p.add_argument("--volume", type=Path, required=True, help="image NIfTI (the training volume)")
-    p.add_argument("--reference", type=Path, default=None, help="reference mask NIfTI (full, full_ce)")
-    p.add_argument("--pseudo", type=Path, default=None, help="folder written by volume-pseudo-labels (pseudo)")
+    p.add_argument("--reference", type=Path, default=None, help="reference mask NIfTI (full, boxes, full_ce)")
+    p.add_argument("--pseudo", type=Path, default=None,
+                   help="folder written by volume-pseudo-labels (pseudo, pseudo_ce)")
     p.add_argument("--pseudo-name", default=None, help="its file stem (default: the only one in --pseudo)")
     p.add_argument("--structure", default=None, help="structure name in the checkpoint and the served model")
     p.add_argument("--background-every", type=int, default=BACKGROUND_EVERY,

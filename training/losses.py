@@ -13,6 +13,10 @@ scalar tensor. Label maps use -1 for "unlabelled / uncertain" (ignored).
 * :func:`box_fill_penalty`: the area inside each box must be at least ``fill`` times the box's.
 * :func:`pseudo_label_loss`: cross-entropy + soft Dice on pixels whose pseudo-label is
   certain (0/1); -1 pixels are ignored by both terms.
+* :func:`batch_dice_loss`: MONAI ``DiceLoss(batch=True)`` of the foreground over the labelled
+  pixels of the whole batch (one Dice, not one per image), -1 pixels zeroed in both the
+  prediction and the target; :func:`labelled_dice_ce_loss` adds the partial cross-entropy. The
+  same loss takes a reference mask (padding -1) and a pseudo-label (uncertain -1).
 """
 
 from __future__ import annotations
@@ -107,3 +111,28 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: f
     """Cross-entropy + ``dice_weight`` * soft Dice on certain pseudo-labels (``labels`` int64
     ``(B, H, W)``, 1/0, -1 uncertain and ignored)."""
     return partial_cross_entropy(logits, labels) + dice_weight * soft_dice_loss(logits, labels)
+
+
+BATCH_DICE_SMOOTH = 1e-5   # MONAI DiceLoss's default smooth_nr = smooth_dr
+
+
+def batch_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``1 - (2 sum p y + s) / (sum p + sum y + s)`` with the sums over every labelled pixel of
+    the batch (``labels`` int64 ``(B, H, W)``: 1/0, -1 ignored), ``p`` the softmax foreground
+    probability and ``s`` = :data:`BATCH_DICE_SMOOTH`: MONAI ``DiceLoss(batch=True)`` on ``p``
+    and the foreground target, both zeroed where ignored. Pooling the batch keeps slices without
+    foreground from pulling the prediction to nothing (a per-image Dice of an empty slice is 1
+    for any positive ``p``); an all-empty batch gives ``1 - s / (sum p + s)``, an all-ignored one 0."""
+    from monai.losses import DiceLoss
+
+    p = torch.softmax(logits, dim=1)[:, 1:2]
+    valid = (labels >= 0)[:, None].to(p)
+    y = (labels == 1)[:, None].to(p)
+    dice = DiceLoss(include_background=True, batch=True, smooth_nr=BATCH_DICE_SMOOTH, smooth_dr=BATCH_DICE_SMOOTH)
+    return dice(p * valid, y * valid)
+
+
+def labelled_dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """:func:`partial_cross_entropy` + ``dice_weight`` * :func:`batch_dice_loss` on a 1/0/-1 map
+    ``labels`` int64 ``(B, H, W)``; -1 pixels are ignored by both terms."""
+    return partial_cross_entropy(logits, labels) + dice_weight * batch_dice_loss(logits, labels)

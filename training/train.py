@@ -10,7 +10,13 @@ Methods (the loss for a batch; all from :mod:`training.losses` except ``full``):
 * ``scribble``: partial cross-entropy on scribbles;
 * ``points``: partial cross-entropy on the clicked points + ``size_weight`` * size penalty
   with bounds ``[lower, upper]`` (model-frame pixels) for images labelled "present" and
-  ``[0, 0]`` for "absent" ones.
+  ``[0, 0]`` for "absent" ones;
+* ``dice_ce`` (not one of the 2-D experiment's :data:`METHODS`): partial cross-entropy +
+  *batch* soft Dice of the foreground (:func:`training.losses.labelled_dice_ce_loss`) on a
+  dense 1/0/-1 map in the ``scribbles`` channel, -1 ignored by both terms: a reference mask
+  (padding -1) or a pseudo-label (uncertain -1) of a volume's slices, most of which show no
+  foreground (:mod:`training.volume_training`). ``full`` stays the per-image DiceCE that the
+  2-D experiment's results were measured with.
 
 Everything random (initial weights, batches, augmentation) comes from ``seed``; the
 checkpoint holds the model, the optimiser, the batch generator's state and the loss
@@ -35,7 +41,9 @@ from training.samples import SampleSet, batch
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "box", "box_size", "box_pseudo", "scribble", "points")
+METHODS = ("full", "box", "box_size", "box_pseudo", "scribble", "points")   # the 2-D experiment's (its default)
+DENSE_MAP_METHODS = ("dice_ce",)        # for 1/0/-1 maps of volume slices (training.volume_training)
+ALL_METHODS = METHODS + DENSE_MAP_METHODS
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -59,8 +67,8 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {ALL_METHODS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +114,8 @@ def batch_loss(cfg: TrainConfig, logits: torch.Tensor, b: dict[str, torch.Tensor
         return losses.pseudo_label_loss(logits, b["pseudo"]) + losses.tightness_prior_loss(logits, b["boxes"])
     if cfg.method == "scribble":
         return losses.partial_cross_entropy(logits, b["scribbles"])
+    if cfg.method == "dice_ce":
+        return losses.labelled_dice_ce_loss(logits, b["scribbles"])
     present = b["present"].float()
     lower, upper = present * cfg.size_lower, present * cfg.size_upper
     return losses.partial_cross_entropy(logits, b["points"]) + cfg.size_weight * losses.size_penalty(logits, lower, upper)

@@ -1,6 +1,7 @@
 """Training the prompt-free 2-D U-Net from a volume: its slices, labelled by the reference masks
-(method ``full``) or by a one-box volume pseudo-label (:mod:`training.volume_pseudo_labels`,
-method ``pseudo``), and its 3-D evaluation on a held-out volume.
+(method ``full``), by a one-box volume pseudo-label (:mod:`training.volume_pseudo_labels`, method
+``pseudo``) or by the reference's bounding box on every slice (method ``boxes``), and its 3-D
+evaluation on a held-out volume.
 
 Nothing here is a second trainer: slices become :class:`~training.data.Case` objects, then a
 :class:`~training.samples.SampleSet` (:func:`training.samples.prepare`), trained by
@@ -18,14 +19,17 @@ Nothing here is a second trainer: slices become :class:`~training.data.Case` obj
   ``SegmentVolume`` (``Volume.slice_pixels(k)`` -> :func:`service.core.segmenter_io.preprocess`,
   as :mod:`service.inference.volumes` does), so a CT window or a slice's own percentiles are
   the gateway's.
-* **losses** (the trainer's methods, :data:`METHODS`): ``full`` is the trainer's ``full``
-  (MONAI DiceCE on the reference: method (a) of the issue); ``pseudo`` is the trainer's
-  partial cross-entropy (its ``scribble`` method: CE averaged over pixels labelled 0/1, -1
-  ignored) on the pseudo-label map, held in the SampleSet's ``scribbles`` channel (a dense
-  1/0/-1 map is a scribble map that covers everything certain); ``full_ce`` is the reference
-  through that same partial CE (a control that separates the label from the loss). The
-  trainer has no "CE + Dice on a -1 map only" method; adding one would be a change of
-  :mod:`training.train`.
+* **losses** (the trainer's methods, :data:`METHODS`): ``full`` (the issue's (a)) and ``pseudo``
+  ((b)) share the trainer's ``dice_ce``: cross-entropy + a *batch* soft Dice of the foreground
+  (:func:`training.losses.labelled_dice_ce_loss`), both over the pixels labelled 1/0 of the map in
+  the SampleSet's ``scribbles`` channel, -1 ignored (for ``full`` only the padding, for ``pseudo``
+  also the uncertain voxels). The Dice pools the batch because most sampled slices show no
+  foreground; the trainer's per-image DiceCE (its ``full`` method, kept for the 2-D experiment,
+  padding counted as background) collapsed to empty predictions on these volumes. ``boxes``
+  ((c)) is the trainer's ``box_size`` (tightness prior + box fill) on one box per slice
+  (:func:`slice_box`; a kept slice without foreground has no box, so it is all background).
+  ``full_ce`` / ``pseudo_ce`` are the same maps through partial cross-entropy only (the
+  trainer's ``scribble``), controls that separate the label from the loss.
 * **3-D evaluation** (:func:`predict_volume`, :func:`evaluate_volume`): the network on every
   slice through the serving path, stacked, against a reference mask: 3-D Dice and NSD at 2 mm
   (:mod:`training.volume_metrics`), spacing from the volume.
@@ -59,10 +63,14 @@ from training.weak_labels import WeakLabels
 
 # volume method -> (the trainer's method, what supervises it)
 METHODS = {
-    "full": ("full", "reference masks of the training volume's slices (MONAI DiceCE)"),
-    "pseudo": ("scribble", "one-box volume pseudo-label, uncertain voxels ignored (partial CE)"),
-    "full_ce": ("scribble", "reference masks through the pseudo-label's partial CE (loss control)"),
+    "full": ("dice_ce", "reference masks of the training volume's slices (CE + batch Dice, padding ignored)"),
+    "pseudo": ("dice_ce", "one-box volume pseudo-label, uncertain voxels ignored (CE + batch Dice)"),
+    "boxes": ("box_size", "the reference's bounding box on every slice of the structure "
+                          "(tightness prior + box fill)"),
+    "full_ce": ("scribble", "reference masks through partial CE only (loss control)"),
+    "pseudo_ce": ("scribble", "one-box volume pseudo-label, uncertain voxels ignored (partial CE only, control)"),
 }
+PSEUDO_METHODS = ("pseudo", "pseudo_ce")       # take a pseudo-label map; the others a reference mask
 RUN_FILE = "volume_training.json"
 BACKGROUND_EVERY = 4
 
@@ -144,18 +152,40 @@ def served_inputs(volume: Volume, ks: Sequence[int], size: int) -> torch.Tensor:
     return torch.as_tensor(np.concatenate([preprocess(volume.slice_pixels(k), size)[0] for k in ks]))
 
 
+def slice_box(mask: np.ndarray) -> np.ndarray:
+    """float32 ``(K, 4)`` XYXY (API convention, end exclusive): the bounding box of a slice's
+    foreground, one box for all of it (``(0, 4)`` when the slice has none): what an annotator
+    boxing each slice of the structure draws."""
+    rows, cols = np.nonzero(np.asarray(mask))
+    if rows.size == 0:
+        return np.zeros((0, 4), np.float32)
+    return np.asarray([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], np.float32)
+
+
+def slice_weak_labels(method: str, case_id: str, labels: np.ndarray) -> WeakLabels:
+    """What supervises one slice (``labels``: its 1/0/-1 map ``(H, W)``): ``boxes`` gets
+    :func:`slice_box` of the foreground, every other method the whole map as a dense scribble
+    map (the trainer's ``scribbles`` channel; :func:`training.samples.prepare` makes its
+    padding -1)."""
+    if method == "boxes":
+        return WeakLabels(case_id, labels.shape, boxes=slice_box(labels == 1))
+    return WeakLabels(case_id, labels.shape, scribbles=labels.astype(np.int8))
+
+
 def volume_samples(volume: Volume, labels: np.ndarray, size: int, method: str, name: str = "volume",
                    background_every: int = BACKGROUND_EVERY) -> SampleSet:
     """A :class:`SampleSet` of the slices :func:`training_slices` keeps from the 1/0/-1 map
-    ``labels`` (model orientation, ``(Z, H, W)``). ``full``: the map is the reference mask
-    (``masks``; -1 not allowed); ``pseudo`` / ``full_ce``: the map goes in ``scribbles``."""
+    ``labels`` (model orientation, ``(Z, H, W)``). The map's foreground is the samples'
+    ``masks``; it also goes in ``scribbles`` (1/0/-1, padding -1), or, for ``boxes``, becomes
+    one box per slice (:func:`slice_weak_labels`). Methods other than :data:`PSEUDO_METHODS`
+    take a reference mask: no -1 voxels."""
     if method not in METHODS:
         raise ValueError(f"unknown volume method {method!r}; choose one of {tuple(METHODS)}")
     labels = np.asarray(labels, np.int64)
     if labels.shape != (volume.depth, *volume.slice_shape):
         raise ValueError(f"labels {labels.shape} do not fit the volume {(volume.depth, *volume.slice_shape)}")
-    if method == "full" and (labels < 0).any():
-        raise ValueError("method 'full' takes a reference mask: it has no ignored (-1) voxels")
+    if method not in PSEUDO_METHODS and (labels < 0).any():
+        raise ValueError(f"method {method!r} takes a reference mask: it has no ignored (-1) voxels")
     ks = training_slices(labels, background_every)
     if not ks:
         raise ValueError("no slice of the volume has a certain label")
@@ -164,8 +194,7 @@ def volume_samples(volume: Volume, labels: np.ndarray, size: int, method: str, n
         case_id = f"{name}_z{k:03d}"
         cases.append(Case(case_id, volume.slice_pixels(k), labels[k] == 1,
                           {"case_id": case_id, "structure": name, "slice_index": k}))
-        if method != "full":
-            weak[case_id] = WeakLabels(case_id, volume.slice_shape, scribbles=labels[k].astype(np.int8))
+        weak[case_id] = slice_weak_labels(method, case_id, labels[k])
     samples = prepare(cases, size, weak)
     # prepare() normalises a native image; the served input of a volume slice is its own
     return replace(samples, images=served_inputs(volume, ks, size))

@@ -18,7 +18,8 @@ from training import data  # noqa: E402
 from training.evaluate import onnx_predictor, predict, scores, torch_predictor  # noqa: E402
 from training.model import NetworkConfig  # noqa: E402
 from training.samples import model_image, prepare  # noqa: E402
-from training.train import TrainConfig, load_model, train  # noqa: E402
+from training import losses  # noqa: E402
+from training.train import ALL_METHODS, METHODS, TrainConfig, batch_loss, load_model, train  # noqa: E402
 from training.weak_labels import simulate  # noqa: E402
 
 from .helpers import synthetic_case  # noqa: E402
@@ -32,7 +33,7 @@ def tiny_samples(size: int = 32):
     return prepare(cases, size, weak)
 
 
-@pytest.mark.parametrize("method", ["full", "box"])
+@pytest.mark.parametrize("method", ["full", "box", "dice_ce"])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, method):
     samples = tiny_samples()
     cfg = TrainConfig(method=method, size=32, iterations=6, batch_size=2, threads=1, checkpoint_every=2,
@@ -53,6 +54,25 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     train(cfg, samples, tmp_path, progress=False)
     with pytest.raises(ValueError, match="another configuration"):
         train(replace(cfg, lr=0.5), samples, tmp_path, progress=False)
+
+
+def test_dice_ce_is_ce_plus_batch_dice_on_the_scribbles_channel_and_not_an_experiment_default():
+    assert "dice_ce" not in METHODS and "dice_ce" in ALL_METHODS      # the 2-D experiment's runs are unchanged
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="dice")
+    # two 1x2 images: p_fg = sigmoid(margin); image 1 is labelled empty, one pixel of image 0 is ignored
+    margin = torch.tensor([[[2.0, -1.0]], [[0.5, -3.0]]], dtype=torch.float64)
+    logits = torch.stack([torch.zeros_like(margin), margin], dim=1)
+    b = {"scribbles": torch.tensor([[[1, -1]], [[0, 0]]]), "masks": torch.zeros((2, 1, 2), dtype=torch.int64)}
+    p = torch.sigmoid(margin).tolist()
+    ce = -(np.log(p[0][0][0]) + np.log(1 - p[1][0][0]) + np.log(1 - p[1][0][1])) / 3
+    s = losses.BATCH_DICE_SMOOTH
+    dice = 1 - (2 * p[0][0][0] + s) / (p[0][0][0] + p[1][0][0] + p[1][0][1] + 1 + s)
+    got = batch_loss(TrainConfig(method="dice_ce"), logits, b)
+    assert got.item() == pytest.approx(ce + dice, abs=1e-9)
+    # the masks channel is not read (it is the reference for `full`, the samples' areas otherwise)
+    b["masks"][:] = 1
+    assert batch_loss(TrainConfig(method="dice_ce"), logits, b).item() == pytest.approx(ce + dice, abs=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Training from a volume's slices (training/volume_training.py): the ignore map, the slice
-sampling, the samples' inputs and labels, the loss on ignored voxels, the 3-D scores, the crops,
-resuming, the CLI. Hand-computed values on small synthetic volumes; the real pipeline (one-box
-pseudo-labels -> training -> export -> a gateway's SegmentVolume) is
-tests/integration/test_volume_training.py."""
+sampling, the samples' inputs and labels (dense maps, per-slice boxes), the shared CE + batch Dice
+loss and the partial-CE controls on ignored voxels, the 3-D scores, the crops, resuming, the CLI.
+Hand-computed values on small synthetic volumes; the real pipeline (one-box pseudo-labels ->
+training -> export -> a gateway's SegmentVolume) is tests/integration/test_volume_training.py."""
 
 from __future__ import annotations
 
@@ -101,20 +101,70 @@ def test_full_samples_hold_the_reference_in_masks_and_refuse_ignored_voxels():
     with pytest.raises(ValueError, match="no ignored"):
         vt.volume_samples(volume, vt.label_map(mask, vpl.edge_band(mask, 1)), 16, "full")
     with pytest.raises(ValueError, match="unknown volume method"):
-        vt.volume_samples(volume, vt.label_map(mask), 16, "boxes")
+        vt.volume_samples(volume, vt.label_map(mask), 16, "box")
 
 
-def test_the_pseudo_method_loss_ignores_uncertain_pixels_hand_computed():
+def test_full_samples_hold_the_reference_with_padding_ignored_for_the_shared_loss():
+    image, mask = cube_stack(h=16, w=12)
+    samples = vt.volume_samples(raw_volume(image), vt.label_map(mask), 16, "full", background_every=8)
+    np.testing.assert_array_equal(samples.scribbles[:, :, :12].numpy(), mask[[0, 2, 3, 4]].astype(np.int64))
+    assert (samples.scribbles[:, :, 12:] == -1).all()            # only the padding is ignored
+    assert (samples.masks[:, :, 12:] == 0).all()
+    assert vt.METHODS["full"][0] == vt.METHODS["pseudo"][0] == "dice_ce"   # (a) and (b) share one loss
+
+
+def test_slice_box_is_the_bounding_box_of_all_the_slice_foreground():
+    mask = np.zeros((6, 8), bool)
+    mask[1:3, 2:4] = True
+    mask[4, 6] = True                                            # a second piece: one box around both
+    np.testing.assert_array_equal(vt.slice_box(mask), [[2, 1, 7, 5]])
+    assert vt.slice_box(np.zeros((6, 8), bool)).shape == (0, 4)
+
+
+def test_boxes_samples_hold_one_box_per_foreground_slice_and_refuse_ignored_voxels():
+    image, mask = cube_stack()                                   # 16x16 at size 16: the frame is the slice
+    volume = raw_volume(image)
+    samples = vt.volume_samples(volume, vt.label_map(mask), 16, "boxes", background_every=8)
+    assert vt.slice_indices(samples) == [0, 2, 3, 4]
+    np.testing.assert_array_equal(samples.boxes[0].numpy(), np.zeros((4, 4)))     # slice 0: no box
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(samples.boxes[i, 0].numpy(), [4, 4, 9, 9])
+        assert (samples.boxes[i, 1:] == 0).all()
+    assert (samples.scribbles == -1).all()                       # the reference reaches the loss only as boxes
+    with pytest.raises(ValueError, match="no ignored"):
+        vt.volume_samples(volume, vt.label_map(mask, vpl.edge_band(mask, 1)), 16, "boxes")
+
+
+def _logits(margin: list[float]) -> torch.Tensor:
+    """(1, 2, 1, N) logits with foreground minus background = ``margin``."""
+    m = torch.tensor([[margin]], dtype=torch.float64)
+    return torch.stack([torch.zeros_like(m), m], dim=1)
+
+
+def test_the_pseudo_method_loss_is_ce_plus_batch_dice_and_ignores_uncertain_pixels_hand_computed():
+    from training.losses import BATCH_DICE_SMOOTH as s
+
     cfg = TrainConfig(method=vt.METHODS["pseudo"][0])
     labels = torch.tensor([[[1, 0, -1]]])
-    margin = torch.tensor([[[2.0, 0.0, 7.0]]])            # logit fg - logit bg
-    logits = torch.stack([torch.zeros_like(margin), margin], dim=1)
-    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2   # CE of the two certain pixels
-    assert float(batch_loss(cfg, logits, {"scribbles": labels})) == pytest.approx(expected, rel=1e-6)
+    logits = _logits([2.0, 0.0, 7.0])
+    p1 = 1 / (1 + math.exp(-2.0))                                  # p of the two certain pixels: p1, 0.5
+    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2 + 1 - (2 * p1 + s) / (p1 + 0.5 + 1 + s)
+    assert float(batch_loss(cfg, logits, {"scribbles": labels})) == pytest.approx(expected, rel=1e-9)
     logits[0, 1, 0, 2] = -30.0                                     # the ignored pixel: no effect
-    assert float(batch_loss(cfg, logits, {"scribbles": labels})) == pytest.approx(expected, rel=1e-6)
+    assert float(batch_loss(cfg, logits, {"scribbles": labels})) == pytest.approx(expected, rel=1e-9)
     logits[0, 1, 0, 1] = 3.0                                       # a certain one: it counts
     assert float(batch_loss(cfg, logits, {"scribbles": labels})) > expected + 0.5
+
+
+def test_the_partial_ce_controls_ignore_uncertain_pixels_hand_computed():
+    cfg = TrainConfig(method=vt.METHODS["pseudo_ce"][0])
+    assert vt.METHODS["full_ce"][0] == cfg.method == "scribble"
+    labels = torch.tensor([[[1, 0, -1]]])
+    logits = _logits([2.0, 0.0, 7.0])
+    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2   # CE of the two certain pixels
+    assert float(batch_loss(cfg, logits, {"scribbles": labels})) == pytest.approx(expected, rel=1e-9)
+    logits[0, 1, 0, 2] = -30.0
+    assert float(batch_loss(cfg, logits, {"scribbles": labels})) == pytest.approx(expected, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- 3-D evaluation
@@ -186,13 +236,17 @@ def test_train_volume_resumes_like_the_trainer_and_refuses_another_method(tmp_pa
     assert resumed.iterations == 6
     assert resumed.history == pytest.approx(whole.history, rel=1e-5, abs=1e-6)
     record = json.loads((tmp_path / "split" / vt.RUN_FILE).read_text())
-    assert record["method"] == "pseudo" and record["trainer_method"] == "scribble"
+    assert record["method"] == "pseudo" and record["trainer_method"] == "dice_ce"
     assert record["slices"] == [0, 2, 3, 4] and record["foreground_slices"] == [2, 3, 4]
     with pytest.raises(ValueError, match="method"):
-        vt.train_volume(cfg, volume, labels, "full_ce", tmp_path / "split", progress=False)
+        vt.train_volume(cfg, volume, labels, "pseudo_ce", tmp_path / "split", progress=False)
     full = vt.train_volume(replace(cfg, iterations=2), volume, vt.label_map(mask), "full", tmp_path / "full",
                            progress=False)
     assert full.iterations == 2
+    boxes = vt.train_volume(replace(cfg, iterations=2), volume, vt.label_map(mask), "boxes", tmp_path / "boxes",
+                            progress=False)
+    assert boxes.iterations == 2
+    assert json.loads((tmp_path / "boxes" / vt.RUN_FILE).read_text())["trainer_method"] == "box_size"
 
 
 def test_cli_trains_from_a_saved_pseudo_label_and_evaluates_in_3d(tmp_path, capsys):
@@ -224,3 +278,5 @@ def test_cli_trains_from_a_saved_pseudo_label_and_evaluates_in_3d(tmp_path, caps
     assert got["reference_voxels"] == 75 and 0.0 <= got["dice"] <= 1.0 and got["tolerance_mm"] == 2.0
     with pytest.raises(SystemExit, match="--reference"):
         cli.main(["train-volume", "--method", "full", "--iterations", "1", *common])
+    with pytest.raises(SystemExit, match="--pseudo"):
+        cli.main(["train-volume", "--method", "pseudo_ce", "--iterations", "1", *common])
