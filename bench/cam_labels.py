@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from bench.measure import cpu_name  # noqa: E402
 from training import cam_labels as cl  # noqa: E402
 from training import volume_pseudo_labels as vpl  # noqa: E402
 from training import volume_training as vt  # noqa: E402
@@ -60,16 +61,6 @@ SECTION = "cam_labels"
 HEADING = "## Image-level labels: class activation maps -> box -> LiteMedSAM"
 TARGET = 0.7          # the target: image labels >= 0.7 of full supervision (3-D Dice)
 SETTINGS = ("iterations", "batch_size", "size", "threads")   # must match for a reused full row
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def mask_file(structure: str, side: str) -> Path:
