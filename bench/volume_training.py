@@ -216,7 +216,37 @@ def table(rows: list[dict], header: str) -> str:
         lines.append(f"| {a['structure']} | {a['label']} | {what} | {fast:g} – {usual:g} | "
                      f"{n * fast / 60:.1f} – {n * usual / 60:.1f} | {a['dice_mean']:.3f} | "
                      f"{a['dice_mean'] / (n * usual / 60):.3f} |")
+    fast, usual = ANNOTATION_SECONDS["box"]
+    for r in interactive_rows(structures):
+        n = r["n"]
+        lines.append(f"| {r['structure']} | {r['label']} | {n} box{'es' if n > 1 else ''} | {fast:g} – {usual:g} | "
+                     f"{n * fast / 60:.1f} – {n * usual / 60:.1f} | {r['dice']:.3f} | {r['dice'] / (n * usual / 60):.3f} |")
     return "\n".join(lines)
+
+
+VOLUMES_RESULTS = REPO / "bench" / "volumes_results.json"   # bench/evaluate_volumes.py's rows
+
+
+def interactive_rows(structures: list[str], path: Path = VOLUMES_RESULTS) -> list[dict]:
+    """The gateway's own interactive 3-D path on each structure's evaluation side (colin27's right
+    structure), from bench/evaluate_volumes.py's results: one box, and one box + its corrections
+    (each a reference box on the worst slice, or an erase: counted at a box's cost). Nothing is
+    trained: the person annotates the very volume that is segmented. Empty without that file."""
+    if not path.is_file():
+        return []
+    volumes = json.loads(path.read_text()).get("volumes", {})
+    rows = volumes.get("colin27_t1 (NIfTI)", {}).get("structures", {})
+    out = []
+    for name in structures:
+        r = rows.get(f"{name}_right")
+        if r is None:
+            continue
+        out.append({"structure": name, "label": "interactive 3-D, one box (gateway, no training)", "n": 1,
+                    "dice": r["one_box_dice"]})
+        n = len(r["steps"])
+        out.append({"structure": name, "label": f"interactive 3-D, one box + {n - 1} corrections (gateway, no training)",
+                    "n": n, "dice": r["corrected_dice"]})
+    return out
 
 
 def run_list(methods: str, key_slices: str) -> list[tuple[str, str, int]]:
