@@ -12,15 +12,15 @@ from grpc_health.v1 import health_pb2
 
 from export.dev_cases import iou, load_cases, reference_box
 from medseg_client import SegmentationClient, image_from_array
-from tests.harness import GatewayProcess, TritonProcess, fp32_repository, half_the_dev_cases, metric_value, wait_for
+from tests.harness import GatewayProcess, TritonProcess, fp32_repository, sampled_dev_cases, metric_value, wait_for
 
 pytestmark = pytest.mark.slow
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_triton_masks_equal_the_embedded_backend_on_half_the_dev_cases(client, triton_gateway, shared_data):
+def test_triton_masks_equal_the_embedded_backend_on_sampled_dev_cases(client, triton_gateway, shared_data):
     worst = 1.0
-    cases = half_the_dev_cases(load_cases(shared_data / "dev"))  # those test_dev_cases.py sends: cached
+    cases = sampled_dev_cases(load_cases(shared_data / "dev"))  # those test_dev_cases.py sends: cached
     with SegmentationClient(triton_gateway.target, timeout=120) as via_triton:
         for case in cases:
             b = reference_box(case.mask)
