@@ -383,13 +383,13 @@ def parser() -> argparse.ArgumentParser:
     from training.volume_training import BACKGROUND_EVERY, METHODS as VOLUME_METHODS
 
     p = sub.add_parser("train-volume", help="the U-Net on the slices of one volume: reference masks, their "
-                                            "per-slice boxes or a volume pseudo-label (uncertain ignored); "
+                                            "per-slice boxes or scribbles, or a volume pseudo-label (uncertain ignored); "
                                             "resumes by default")
     _train_args(p)
     p.add_argument("--method", choices=tuple(VOLUME_METHODS), required=True,
                    help="; ".join(f"{k}: {v[1]}" for k, v in VOLUME_METHODS.items()))
     p.add_argument("--volume", type=Path, required=True, help="image NIfTI (the training volume)")
-    p.add_argument("--reference", type=Path, default=None, help="reference mask NIfTI (full, boxes, full_ce)")
+    p.add_argument("--reference", type=Path, default=None, help="reference mask NIfTI (full, boxes, scribbles, full_ce)")
     p.add_argument("--pseudo", type=Path, default=None,
                    help="folder written by volume-pseudo-labels (pseudo, pseudo_ce)")
     p.add_argument("--pseudo-name", default=None, help="its file stem (default: the only one in --pseudo)")

@@ -28,6 +28,8 @@ Nothing here is a second trainer: slices become :class:`~training.data.Case` obj
   padding counted as background) collapsed to empty predictions on these volumes. ``boxes``
   ((c)) is the trainer's ``box_size`` (tightness prior + box fill) on one box per slice
   (:func:`slice_box`; a kept slice without foreground has no box, so it is all background).
+  ``scribbles`` ((d)) is the trainer's ``scribble`` (partial CE) on the 2-D experiment's simulated
+  scribbles of every kept slice (:func:`training.weak_labels.scribbles`, seeded per slice).
   ``full_ce`` / ``pseudo_ce`` are the same maps through partial cross-entropy only (the
   trainer's ``scribble``), controls that separate the label from the loss.
 * **3-D evaluation** (:func:`predict_volume`, :func:`evaluate_volume`): the network on every
@@ -59,7 +61,7 @@ from training.data import Case
 from training.samples import SampleSet, prepare
 from training.train import TrainConfig, TrainResult, train
 from training.volume_metrics import NSD_TOLERANCE_MM, dice, nsd
-from training.weak_labels import WeakLabels
+from training.weak_labels import WeakLabels, case_rng, scribbles
 
 # volume method -> (the trainer's method, what supervises it)
 METHODS = {
@@ -67,11 +69,14 @@ METHODS = {
     "pseudo": ("dice_ce", "one-box volume pseudo-label, uncertain voxels ignored (CE + batch Dice)"),
     "boxes": ("box_size", "the reference's bounding box on every slice of the structure "
                           "(tightness prior + box fill)"),
+    "scribbles": ("scribble", "simulated scribbles (training/weak_labels.py) on every kept slice of the reference "
+                              "(partial CE)"),
     "full_ce": ("scribble", "reference masks through partial CE only (loss control)"),
     "pseudo_ce": ("scribble", "one-box volume pseudo-label, uncertain voxels ignored (partial CE only, control)"),
 }
 PSEUDO_METHODS = ("pseudo", "pseudo_ce")       # take a pseudo-label map; the others a reference mask
 RUN_FILE = "volume_training.json"
+SCRIBBLE_SEED = 0   # the simulated annotator's; scribbles do not change with the training seed
 BACKGROUND_EVERY = 4
 
 
@@ -164,11 +169,15 @@ def slice_box(mask: np.ndarray) -> np.ndarray:
 
 def slice_weak_labels(method: str, case_id: str, labels: np.ndarray) -> WeakLabels:
     """What supervises one slice (``labels``: its 1/0/-1 map ``(H, W)``): ``boxes`` gets
-    :func:`slice_box` of the foreground, every other method the whole map as a dense scribble
+    :func:`slice_box` of the foreground, ``scribbles`` the 2-D experiment's simulated scribbles
+    of the foreground (:func:`training.weak_labels.scribbles`: strokes inside it, around it and in
+    the far background; the rest -1), every other method the whole map as a dense scribble
     map (the trainer's ``scribbles`` channel; :func:`training.samples.prepare` makes its
     padding -1)."""
     if method == "boxes":
         return WeakLabels(case_id, labels.shape, boxes=slice_box(labels == 1))
+    if method == "scribbles":   # drawn once per slice, whatever the training seed
+        return WeakLabels(case_id, labels.shape, scribbles=scribbles(labels == 1, case_rng(SCRIBBLE_SEED, case_id)))
     return WeakLabels(case_id, labels.shape, scribbles=labels.astype(np.int8))
 
 

@@ -135,6 +135,21 @@ def test_boxes_samples_hold_one_box_per_foreground_slice_and_refuse_ignored_voxe
         vt.volume_samples(volume, vt.label_map(mask, vpl.edge_band(mask, 1)), 16, "boxes")
 
 
+def test_scribble_samples_are_strokes_inside_and_outside_the_reference_drawn_the_same_each_time():
+    image, mask = cube_stack()
+    volume = raw_volume(image)
+    samples = vt.volume_samples(volume, vt.label_map(mask), 16, "scribbles", background_every=8)
+    strokes, masks = samples.scribbles.numpy(), samples.masks.numpy()
+    assert (strokes == 1).any() and (strokes == 0).any() and (strokes == -1).any()
+    assert (masks[strokes == 1] == 1).all() and (masks[strokes == 0] == 0).all()
+    assert (strokes == 1).sum() < (masks == 1).sum()             # a stroke, not the whole structure
+    again = vt.volume_samples(volume, vt.label_map(mask), 16, "scribbles", background_every=8)
+    np.testing.assert_array_equal(again.scribbles.numpy(), strokes)
+    assert vt.METHODS["scribbles"][0] == "scribble"
+    with pytest.raises(ValueError, match="no ignored"):
+        vt.volume_samples(volume, vt.label_map(mask, vpl.edge_band(mask, 1)), 16, "scribbles")
+
+
 def _logits(margin: list[float]) -> torch.Tensor:
     """(1, 2, 1, N) logits with foreground minus background = ``margin``."""
     m = torch.tensor([[margin]], dtype=torch.float64)
