@@ -23,13 +23,18 @@ trained once per seed of ``--seeds`` (seed = initial weights, batch order, augme
 * ``full_ce`` / ``pseudo_ce``: the same labels as ``full`` / ``pseudo`` through partial CE only
   (controls: the loss the first measurement used).
 
+2.5-D (``--context-slices c`` > 0): the runs named in ``--context-runs`` (default ``full`` and
+``pseudo_1key``) are trained once more with the slice and ``c`` neighbours on each side as input
+channels (run ``RUN_ctxC``; same labels, network but for its first layer, iterations and seeds);
+their "fraction of full" is against (a) with the same context.
+
 Writes ``WORK/results.json`` (one row per run and seed) and, between the ``volume_training``
 markers of docs/TRAINING.md, the table (mean ± sd over seeds), the pseudo-labels' quality and the
 annotation cost (:data:`ANNOTATION_SECONDS`); resumes (pseudo-labels and checkpoints in ``WORK``
 are reused, finished runs re-evaluated)::
 
     .venv/bin/python bench/volume_training.py --structures thalamus,putamen,caudate --iterations 300 \
-        --threads 1 --key-slices 1,3 --seeds 0,1,2 --work runs/volume_training_s3
+        --threads 1 --key-slices 1,3 --seeds 0,1,2 --context-slices 1 --work runs/volume_training_s3
 """
 
 from __future__ import annotations
@@ -53,13 +58,14 @@ from bench.measure import cpu_name  # noqa: E402
 from training import volume_pseudo_labels as vpl  # noqa: E402
 from training import volume_training as vt  # noqa: E402
 from training.experiment import write_block  # noqa: E402
+from training.model import NetworkConfig  # noqa: E402
 from training.train import TrainConfig  # noqa: E402
 from training.volume_metrics import dice  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA") or REPO.parent / "shared" / "data")
 CASE = SHARED / "volumes" / "colin27_t1"
 SECTION = "volume_training"
-SETTINGS = ("threads", "seeds", "iterations", "batch_size", "size")   # in the header, kept in results.json
+SETTINGS = ("threads", "seeds", "iterations", "batch_size", "size", "context_slices", "context_runs")   # in the header, kept in results.json
 LABELS = {"full": "(a) full reference masks", "pseudo": "(b) one-box pseudo-label",
           "boxes": "(c) box on every slice", "scribbles": "(d) scribbles on every kept slice", "full_ce": "(a') reference, partial CE only",
           "pseudo_ce": "(b') one-box pseudo-label, partial CE only"}
@@ -157,6 +163,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         first = seeds[0]
         agg = {k: first[k] for k in ("structure", "run", "method", "key_slices", "label", "slices", "fg_slices",
                                      "ignored", "reference_voxels", "reference_slices", "iterations")}
+        agg["context_slices"] = first.get("context_slices", 0)
         agg["seeds"] = [r["seed"] for r in seeds]
         for k in ("dice", "nsd"):
             agg[f"{k}_per_seed"] = [r[k] for r in seeds]
@@ -182,7 +189,8 @@ def fraction(agg: dict, base: dict | None) -> str:
 def table(rows: list[dict], header: str) -> str:
     """The doc block: results over seeds, the pseudo-labels' quality, the annotation cost."""
     aggs = aggregate(rows)
-    base = {m: {a["structure"]: a for a in aggs if a["run"] == m} for m in ("full", "full_ce")}
+    base = {m: {(a["structure"], a.get("context_slices", 0)): a for a in aggs if a["method"] == m and
+                (a["run"] == m or a["run"].startswith(m + "_ctx"))} for m in ("full", "full_ce")}
     lines = [header, "",
              "| structure | method | seeds | train slices (with fg) | ignored | 3-D Dice mean ± sd | Dice per seed "
              "| NSD 2 mm mean ± sd | NSD per seed | predicted / reference voxels (mean) "
@@ -194,8 +202,8 @@ def table(rows: list[dict], header: str) -> str:
                      f"{per_seed(a['dice_per_seed'])} | {a['nsd_mean']:.3f} ± {a['nsd_sd']:.3f} | "
                      f"{per_seed(a['nsd_per_seed'])} | "
                      f"{a['predicted_voxels']:.0f} / {a['reference_voxels']} | "
-                     f"{fraction(a, base['full'].get(a['structure']))} / "
-                     f"{fraction(a, base['full_ce'].get(a['structure']))} | "
+                     f"{fraction(a, base['full'].get((a['structure'], a.get('context_slices', 0))))} / "
+                     f"{fraction(a, base['full_ce'].get((a['structure'], a.get('context_slices', 0))))} | "
                      f"{a['seconds']:.0f} / {a['cpu_seconds']:.0f} | {a['iterations']} |")
     structures = list(dict.fromkeys(r["structure"] for r in rows))
     labels = {(r["structure"], r["key_slices"]): r for r in rows if r["method"] in ("pseudo", "pseudo_ce")}
@@ -303,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma list of {', '.join(vt.METHODS)}")
     p.add_argument("--key-slices", default="1", help="comma list: pseudo-labels from this many key slices")
     p.add_argument("--seeds", default="0", help="comma list: each run is trained once per seed")
+    p.add_argument("--context-slices", type=int, default=0,
+                   help="also train the --context-runs 2.5-D with this many neighbouring slices on each side")
+    p.add_argument("--context-runs", default="full,pseudo_1key",
+                   help="comma list of run names (full, pseudo_1key, boxes, ...) to repeat 2.5-D")
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
@@ -324,14 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, predictor_box, structures = [], [], {}
-    for run, method, n in run_list(args.methods, args.key_slices):
+    runs = [(run, method, n, 0) for run, method, n in run_list(args.methods, args.key_slices)]
+    if args.context_slices:
+        known = {run: (method, n) for run, method, n, _ in runs}
+        for run in args.context_runs.split(","):
+            if run not in known:
+                raise SystemExit(f"--context-runs: {run!r} is not one of this invocation's runs ({', '.join(known)})")
+            runs.append((f"{run}_ctx{args.context_slices}", *known[run], args.context_slices))
+    for run, method, n, context in runs:
         for name in args.structures.split(","):
             if name not in structures:
                 structures[name] = Structure(args.work, name)
             s = structures[name]
             labels, quality = s.labels(n, predictor_box, args.threads)
             for seed in seeds:
-                row = train_and_score(args, s, run, method, n, seed, labels)
+                row = train_and_score(args, s, run, method, n, seed, labels, context)
                 row.update(quality)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -341,17 +360,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_and_score(args: argparse.Namespace, s: Structure, run: str, method: str, key_slices: int, seed: int,
-                    labels: np.ndarray) -> dict:
-    """Train (or resume) one run for one seed in ``WORK/STRUCTURE/RUN/seedN``; its 3-D scores."""
+                    labels: np.ndarray, context: int = 0) -> dict:
+    """Train (or resume) one run for one seed in ``WORK/STRUCTURE/RUN/seedN``; its 3-D scores
+    (``context``: 2.5-D with that many neighbouring slices on each side)."""
     run_dir = args.work / s.name / run / f"seed{seed}"
     cfg = TrainConfig(structure=s.name, size=args.size, iterations=args.iterations, batch_size=args.batch_size,
-                      seed=seed, threads=args.threads)
+                      seed=seed, threads=args.threads, network=NetworkConfig(context_slices=context))
     result = vt.train_volume(cfg, s.train_volume, labels, method, run_dir,
                              source={"volume": str(s.files["image_left"])}, progress=False)
     record = json.loads((run_dir / vt.RUN_FILE).read_text())
-    score = vt.evaluate_volume(result.model, s.eval_volume, s.reference_eval, args.size)
+    score = vt.evaluate_volume(result.model, s.eval_volume, s.reference_eval, args.size, context=context)
     label = LABELS[method] + (f" ({key_slices} key slice{'s' if key_slices > 1 else ''})" if key_slices else "")
+    label += f", 2.5-D ({2 * context + 1} slices in)" if context else ""
     return {"structure": s.name, "run": run, "method": method, "key_slices": key_slices, "seed": seed,
+            "context_slices": context,
             "label": label, "trainer_method": record["trainer_method"], "slices": len(record["slices"]),
             "fg_slices": len(record["foreground_slices"]), "ignored": record["ignored_fraction"],
             "reference_slices": s.reference_slices, "dice": score.dice, "nsd": score.nsd,

@@ -7,7 +7,10 @@ training extra, ``requirements/training.txt``), and the checkpoint layout ``trai
 config as a dict, of which this module reads ``network``, ``seed``, ``size``, ``structure``,
 ``method`` and ``iterations``). ``training/`` imports these; this module imports nothing of it.
 
-Served tensors: ``image`` float32 ``(B, 1, S, S)`` (:func:`service.core.segmenter_io.preprocess`)
+Served tensors: ``image`` float32 ``(B, 1, S, S)`` (:func:`service.core.segmenter_io.preprocess`;
+a 2.5-D network ``(B, 2c + 1, S, S)``, the slice and ``c`` = ``context_slices`` neighbours on
+each side, :func:`service.core.segmenter_io.preprocess_context`, gateway parameter
+``medseg.context_slices``)
 -> ``logits`` float32 ``(B, C, S, S)`` (channel 0 background; :func:`service.core.segmenter_io.postprocess`).
 B is dynamic (``max_batch_size`` 4 in ``config.pbtxt``). Gateway metadata: model ``NAME``
 (e.g. ``unet_brain``), role ``segmenter``, no prompt kinds (the whole image is segmented),
@@ -30,6 +33,7 @@ from export.onnx_io import export_onnx
 from export.options import ExportOptions
 from export.triton_config import write_config
 from service.backends.repository import GatewayParameters, RepositoryEntry, Role, TensorSpec
+from service.core.segmenter_io import input_channels
 
 INPUT = "image"
 OUTPUT = "logits"
@@ -37,12 +41,19 @@ OUTPUT = "logits"
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """MONAI ``UNet(spatial_dims=2, in_channels=1, out_channels=classes, channels, strides=2...)``."""
+    """MONAI ``UNet(spatial_dims=2, in_channels=2 * context_slices + 1, out_channels=classes,
+    channels, strides=2...)``; ``context_slices`` > 0 makes it 2.5-D (the slice and that many
+    neighbours on each side as channels, :func:`service.core.segmenter_io.context_indices`)."""
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
     num_res_units: int = 1
     classes: int = 2
     dropout: float = 0.0
+    context_slices: int = 0
+
+    @property
+    def in_channels(self) -> int:
+        return input_channels(self.context_slices)
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
@@ -52,13 +63,13 @@ class NetworkConfig:
 def build_network(cfg: NetworkConfig, seed: int = 0) -> nn.Module:
     """A freshly initialised U-Net (weights drawn after ``torch.manual_seed(seed)``).
 
-    Input float32 ``(B, 1, S, S)`` with S divisible by ``2 ** (len(channels) - 1)``;
+    Input float32 ``(B, in_channels, S, S)`` with S divisible by ``2 ** (len(channels) - 1)``;
     output logits ``(B, classes, S, S)``, channel 0 background.
     """
     from monai.networks.nets import UNet
 
     torch.manual_seed(seed)
-    return UNet(spatial_dims=2, in_channels=1, out_channels=cfg.classes, channels=tuple(cfg.channels),
+    return UNet(spatial_dims=2, in_channels=cfg.in_channels, out_channels=cfg.classes, channels=tuple(cfg.channels),
                 strides=(2,) * (len(cfg.channels) - 1), num_res_units=cfg.num_res_units, dropout=cfg.dropout)
 
 
@@ -81,17 +92,18 @@ class SegmenterForExport(nn.Module):
         return self.net(image)
 
 
-def unet_entry(name: str, size: int, classes: int, version: str, structure: str, description: str) -> RepositoryEntry:
+def unet_entry(name: str, size: int, classes: int, version: str, structure: str, description: str,
+               context_slices: int = 0) -> RepositoryEntry:
     """The repository entry (config.pbtxt content) of one trained segmenter."""
     return RepositoryEntry(
         name=name,
-        inputs=(TensorSpec(INPUT, (1, size, size)),),
+        inputs=(TensorSpec(INPUT, (input_channels(context_slices), size, size)),),
         outputs=(TensorSpec(OUTPUT, (classes, size, size)),),
         max_batch_size=4,
         dynamic_batching=True,
         preferred_batch_sizes=(2, 4),
         gateway=GatewayParameters(model=name, role=Role.SEGMENTER, version=version, input_size=size,
-                                  structure=structure, description=description),
+                                  structure=structure, description=description, context_slices=context_slices),
     )
 
 
@@ -106,12 +118,14 @@ def export_checkpoint(checkpoint: Path, repository: Path, name: str, target: str
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:8]
     entry = unet_entry(
         name, size, network.classes, f"{version}-{digest}", structure,
-        description or (f"MONAI 2-D U-Net {tuple(network.channels)}, input {size}x{size}, "
-                        f"segments {structure} without prompts; trained with '{config.get('method')}' supervision "
+        description or (f"MONAI 2-D U-Net {tuple(network.channels)}, input {size}x{size}"
+                        + (f" x {network.in_channels} neighbouring slices (2.5-D)" if network.context_slices else "")
+                        + f", segments {structure} without prompts; trained with '{config.get('method')}' supervision "
                         f"({config.get('iterations')} iterations, seed {config.get('seed', 0)})"),
+        network.context_slices,
     )
     onnx_path = Path(repository) / name / str(version) / entry.runtime.onnx_filename
-    image = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(2, network.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     export_onnx(SegmenterForExport(model), {INPUT: image}, [OUTPUT], {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 onnx_path)
     return [onnx_path, write_config(repository, entry, target, version=version)]

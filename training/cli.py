@@ -29,6 +29,7 @@ from pathlib import Path
 
 from training import data, labelling, qc
 from training import weak_labels as wl
+from training.model import NetworkConfig
 from training.train import METHODS, TrainConfig
 
 
@@ -228,6 +229,8 @@ def _window(args: argparse.Namespace) -> tuple[float, float] | None:
 def cmd_train_volume(args: argparse.Namespace) -> int:
     from training import volume_training as vt
 
+    if args.context_slices < 0:
+        raise SystemExit(f"--context-slices is the neighbouring slices on each side: 0 or more, not {args.context_slices}")
     volume = vt.read_volume(args.volume, _window(args))
     pseudo = args.method in vt.PSEUDO_METHODS
     if pseudo:
@@ -243,7 +246,7 @@ def cmd_train_volume(args: argparse.Namespace) -> int:
         labels = vt.label_map(vt.model_masks(args.reference, volume))
         source = {"volume": str(args.volume), "reference": str(args.reference)}
     structure = args.structure or (name if pseudo else args.reference.name.split(".")[0])
-    cfg = _config(args, structure=structure)
+    cfg = _config(args, structure=structure, network=NetworkConfig(context_slices=args.context_slices))
     result = vt.train_volume(cfg, volume, labels, args.method, args.run_dir, resume=not args.restart,
                              background_every=args.background_every, source=source, progress=not args.no_progress)
     record = json.loads((args.run_dir / vt.RUN_FILE).read_text())
@@ -271,7 +274,8 @@ def cmd_evaluate_volume(args: argparse.Namespace) -> int:
 
     model, cfg = load_model(args.checkpoint)
     volume = vt.read_volume(args.volume, _window(args))
-    score = vt.evaluate_volume(model, volume, vt.model_masks(args.reference, volume), cfg.size, args.tolerance_mm)
+    score = vt.evaluate_volume(model, volume, vt.model_masks(args.reference, volume), cfg.size, args.tolerance_mm,
+                               cfg.network.context_slices)
     print(json.dumps({"checkpoint": str(args.checkpoint), "volume": str(args.volume),
                       "reference": str(args.reference), **score.to_dict()}))
     return 0
@@ -397,6 +401,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--background-every", type=int, default=BACKGROUND_EVERY,
                    help="keep slice k without foreground when k %% this == 0")
     p.add_argument("--window", default=None, help="CENTER,WIDTH intensity window (CT); default per-slice percentiles")
+    p.add_argument("--context-slices", type=int, default=0,
+                   help="2.5-D: give the network this many neighbouring slices on each side as channels "
+                        "(0: one slice); the exported model is then served for volumes only")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--export-name", default=None, help="also export the model under this name into --repository")

@@ -39,10 +39,12 @@ Nothing here is a second trainer: slices become :class:`~training.data.Case` obj
   trains on one hemisphere and is evaluated on the other: the whole contralateral structure,
   never labelled, voxels ``x < nx // 2`` vs ``x > nx // 2`` (RAS+, the middle column in neither).
 
-2.5-D input (neighbouring slices as channels) is not offered: the served segmenter takes one
-grey slice (``image (B, 1, S, S)`` in :mod:`export.unet`, :func:`service.core.segmenter_io.preprocess`
-averages colour to grey, ``SegmentVolume`` feeds one slice per image), so it would need export
-and serving changes first.
+**2.5-D** (``TrainConfig.network.context_slices`` = c > 0, ``train-volume --context-slices c``):
+each sample's image is the slice and its ``c`` neighbours on each side as ``2c + 1`` channels
+(:func:`served_inputs`, :func:`service.core.segmenter_io.preprocess_context`, the edge slice
+repeated past the volume's end), its label the middle slice's; exported with
+``medseg.context_slices`` so that ``SegmentVolume`` feeds it the same stacks (a 2-D ``Segment``
+refuses such a model).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from service.core.segmenter_io import postprocess, preprocess
+from service.core.segmenter_io import context_indices, postprocess, preprocess, preprocess_context
 from service.core.volume import Volume, VolumeSource, load_volume
 from training.data import Case
 from training.samples import SampleSet, prepare
@@ -152,8 +154,14 @@ def hemisphere_ranges(nx: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- samples
-def served_inputs(volume: Volume, ks: Sequence[int], size: int) -> torch.Tensor:
-    """float32 ``(N, 1, size, size)``: what ``SegmentVolume`` feeds the segmenter for slices ``ks``."""
+def served_inputs(volume: Volume, ks: Sequence[int], size: int, context: int = 0) -> torch.Tensor:
+    """float32 ``(N, 2 * context + 1, size, size)``: what ``SegmentVolume`` feeds the segmenter
+    for slices ``ks`` (``context`` > 0: a 2.5-D segmenter, each slice with that many neighbours
+    on each side as channels, :func:`service.core.segmenter_io.context_indices`)."""
+    if context:
+        return torch.as_tensor(np.concatenate([
+            preprocess_context([volume.slice_pixels(j) for j in context_indices(k, volume.depth, context)], size)[0]
+            for k in ks]))
     return torch.as_tensor(np.concatenate([preprocess(volume.slice_pixels(k), size)[0] for k in ks]))
 
 
@@ -182,12 +190,13 @@ def slice_weak_labels(method: str, case_id: str, labels: np.ndarray) -> WeakLabe
 
 
 def volume_samples(volume: Volume, labels: np.ndarray, size: int, method: str, name: str = "volume",
-                   background_every: int = BACKGROUND_EVERY) -> SampleSet:
+                   background_every: int = BACKGROUND_EVERY, context: int = 0) -> SampleSet:
     """A :class:`SampleSet` of the slices :func:`training_slices` keeps from the 1/0/-1 map
     ``labels`` (model orientation, ``(Z, H, W)``). The map's foreground is the samples'
     ``masks``; it also goes in ``scribbles`` (1/0/-1, padding -1), or, for ``boxes``, becomes
     one box per slice (:func:`slice_weak_labels`). Methods other than :data:`PSEUDO_METHODS`
-    take a reference mask: no -1 voxels."""
+    take a reference mask: no -1 voxels. ``context``: the images are 2.5-D (:func:`served_inputs`);
+    labels stay those of the middle slice."""
     if method not in METHODS:
         raise ValueError(f"unknown volume method {method!r}; choose one of {tuple(METHODS)}")
     labels = np.asarray(labels, np.int64)
@@ -206,7 +215,7 @@ def volume_samples(volume: Volume, labels: np.ndarray, size: int, method: str, n
         weak[case_id] = slice_weak_labels(method, case_id, labels[k])
     samples = prepare(cases, size, weak)
     # prepare() normalises a native image; the served input of a volume slice is its own
-    return replace(samples, images=served_inputs(volume, ks, size))
+    return replace(samples, images=served_inputs(volume, ks, size, context))
 
 
 def slice_indices(samples: SampleSet) -> list[int]:
@@ -221,20 +230,23 @@ def train_volume(cfg: TrainConfig, volume: Volume, labels: np.ndarray, method: s
     exactly as :func:`training.train.train`. ``run_dir/volume_training.json`` records the
     volume method, the slices and ``source`` (where volume and labels came from)."""
     cfg = replace(cfg, method=METHODS[method][0])
-    samples = volume_samples(volume, labels, cfg.size, method, cfg.structure, background_every)
+    samples = volume_samples(volume, labels, cfg.size, method, cfg.structure, background_every,
+                             cfg.network.context_slices)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ks = slice_indices(samples)
     record = {"method": method, "trainer_method": cfg.method, "supervision": METHODS[method][1],
-              "background_every": background_every, "slices": ks,
+              "background_every": background_every, "slices": ks, "context_slices": cfg.network.context_slices,
               "foreground_slices": [k for k in ks if (labels[k] == 1).any()],
               "ignored_fraction": float((labels[ks] < 0).mean()), "source": source or {}}
     path = run_dir / RUN_FILE
     if resume and path.is_file() and (run_dir / "checkpoint.pt").is_file():
         old = json.loads(path.read_text())
-        if (old.get("method"), old.get("slices")) != (method, ks):
-            raise ValueError(f"{path} was written for method {old.get('method')!r} on other slices; "
-                             "use another run folder (or restart)")
+        if (old.get("method"), old.get("slices"), old.get("context_slices", 0)) != (
+                method, ks, cfg.network.context_slices):
+            raise ValueError(f"{path} was written for method {old.get('method')!r} on other slices or with "
+                             f"other context slices ({old.get('context_slices', 0)}); use another run folder "
+                             "(or restart)")
     path.write_text(json.dumps(record, indent=1))
     return train(cfg, samples, run_dir, resume=resume, stop_after=stop_after, progress=progress)
 
@@ -246,7 +258,9 @@ def export(run_dir: Path, repository: Path, name: str, target: str = "cpu", vers
     run_dir = Path(run_dir)
     record = json.loads((run_dir / RUN_FILE).read_text())
     cfg = json.loads((run_dir / "config.json").read_text())
-    description = (f"MONAI 2-D U-Net {tuple(cfg['network']['channels'])}, input {cfg['size']}x{cfg['size']}, "
+    context = int(cfg["network"].get("context_slices", 0))
+    depth = f" x {2 * context + 1} neighbouring slices (2.5-D)" if context else ""
+    description = (f"MONAI 2-D U-Net {tuple(cfg['network']['channels'])}, input {cfg['size']}x{cfg['size']}{depth}, "
                    f"segments {cfg['structure']} without prompts, slice by slice; trained on the slices of one "
                    f"volume from {record['supervision']} ({cfg['iterations']} iterations, seed {cfg['seed']})")
     return export_checkpoint(run_dir / "checkpoint.pt", repository, name, target, version, description)
@@ -267,16 +281,17 @@ class VolumeScore:
         return asdict(self)
 
 
-def predict_volume(model: torch.nn.Module, volume: Volume, size: int, batch: int = 8) -> np.ndarray:
+def predict_volume(model: torch.nn.Module, volume: Volume, size: int, batch: int = 8, context: int = 0) -> np.ndarray:
     """bool ``(Z, H, W)`` model orientation: the network on every slice, as ``SegmentVolume``
-    serves it (:func:`served_inputs`, then :func:`service.core.segmenter_io.postprocess`)."""
+    serves it (:func:`served_inputs`, then :func:`service.core.segmenter_io.postprocess`);
+    ``context``: the network's neighbouring slices on each side (2.5-D)."""
     out = np.zeros((volume.depth, *volume.slice_shape), bool)
     frame = preprocess(volume.slice_pixels(0), size)[1]
     model = model.eval()
     for start in range(0, volume.depth, batch):
         ks = list(range(start, min(volume.depth, start + batch)))
         with torch.no_grad():
-            logits = model(served_inputs(volume, ks, size)).numpy()
+            logits = model(served_inputs(volume, ks, size, context)).numpy()
         for i, k in enumerate(ks):
             out[k] = postprocess(logits[i:i + 1], frame)
     return out
@@ -296,5 +311,6 @@ def score_masks(pred: np.ndarray, ref: np.ndarray, volume: Volume,
 
 
 def evaluate_volume(model: torch.nn.Module, volume: Volume, reference: np.ndarray, size: int,
-                    tolerance_mm: float = NSD_TOLERANCE_MM) -> VolumeScore:
-    return score_masks(predict_volume(model, volume, size), np.asarray(reference, bool), volume, tolerance_mm)
+                    tolerance_mm: float = NSD_TOLERANCE_MM, context: int = 0) -> VolumeScore:
+    return score_masks(predict_volume(model, volume, size, context=context), np.asarray(reference, bool), volume,
+                       tolerance_mm)

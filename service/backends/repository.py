@@ -97,6 +97,9 @@ class GatewayParameters:
     preprocessing: str = ""
     # bytes of memory the entry takes loaded and run once, measured at export (0: not measured)
     memory_bytes: int = 0
+    # a 2.5-D segmenter: neighbouring slices on each side given as input channels
+    # (service.core.segmenter_io.context_indices); 0: one slice (2-D)
+    context_slices: int = 0
     target: str = ""
 
     _PREFIX = "medseg."
@@ -130,7 +133,7 @@ class GatewayParameters:
                                  f"{', '.join(cls._PREFIX + k for k in sorted(known))})")
             if name in ("prompt_kinds", "required_prompt_kinds"):
                 values[name] = _kinds(text)
-            elif name in ("input_size", "memory_bytes"):
+            elif name in ("input_size", "memory_bytes", "context_slices"):
                 try:
                     values[name] = int(text)
                 except ValueError:
@@ -312,6 +315,25 @@ class SegmenterModel(NamedTuple):
     def structure(self) -> str:
         return self.entry.gateway.structure or "its structure"
 
+    @property
+    def context(self) -> int:
+        """Neighbouring slices on each side in its input (0: a 2-D segmenter; see
+        :mod:`service.core.segmenter_io`)."""
+        return self.entry.gateway.context_slices
+
+
+def check_segmenter_input(entry: RepositoryEntry) -> None:
+    """A segmenter's input has ``2 * medseg.context_slices + 1`` channels."""
+    context = entry.gateway.context_slices
+    if context < 0:
+        raise ValueError(f"{entry.name}/config.pbtxt: medseg.context_slices must be >= 0, not {context}")
+    dims = entry.inputs[0].dims if entry.inputs else ()
+    channels = dims[-3] if len(dims) >= 3 else None    # (C, S, S), after a batch axis if there is one
+    if channels is not None and channels not in (-1, 2 * context + 1):
+        raise ValueError(f"{entry.name}/config.pbtxt: input {entry.inputs[0].name!r} has {channels} channels; with "
+                         f"medseg.context_slices {context} it takes {2 * context + 1} (the slice and {context} "
+                         "neighbours on each side)")
+
 
 def model_info(name: str, params: GatewayParameters, default_model: str, mask_candidates: int = 1) -> ModelInfo:
     if params.input_size <= 0:
@@ -346,6 +368,7 @@ def discover(repository: Path, default_model: str) -> dict[str, SamModel | Segme
     for name, roles in by_model.items():
         if Role.SEGMENTER in roles:
             entry = roles[Role.SEGMENTER]
+            check_segmenter_input(entry)
             models[name] = SegmenterModel(model_info(name, entry.gateway, default_model), entry)
             continue
         enc = roles.get(Role.IMAGE_ENCODER)

@@ -8,6 +8,11 @@ longest side is resized to ``size`` (bilinear), the image is zero-padded at the
 bottom/right to ``size x size``; :func:`postprocess` crops the un-padded region of the
 logits and resizes it back bilinearly (:func:`service.core.geometry.upsample_logits`).
 
+A *2.5-D* segmenter (``context`` > 0) takes slice ``k`` of a volume with its ``context``
+neighbours on each side as channels, ``k - context .. k + context`` in slice order, an index
+past the volume's end repeating the edge slice (:func:`context_indices`,
+:func:`preprocess_context`): it segments volumes only, never a lone 2-D image.
+
 Intensities are the gateway's decoded pixels (:func:`service.core.imageio.normalise`: native
 intensities -> percentile 0.5-99.5 -> [0, 1] for a raw grey array); an RGB image is
 averaged to grey.
@@ -19,7 +24,8 @@ import numpy as np
 
 from service.core.geometry import Frame, model_input, upsample_logits
 
-__all__ = ["Frame", "preprocess", "postprocess", "resize_labels", "to_grey"]
+__all__ = ["Frame", "context_indices", "input_channels", "preprocess", "preprocess_context", "postprocess",
+           "resize_labels", "to_grey"]
 
 
 def to_grey(pixels: np.ndarray) -> np.ndarray:
@@ -40,6 +46,35 @@ def preprocess(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Frame]:
     """
     tensor, frame = model_input(to_grey(pixels), size)
     return np.ascontiguousarray(tensor[:, :1]), frame
+
+
+def input_channels(context: int) -> int:
+    """Channels of a segmenter's input with ``context`` neighbouring slices on each side."""
+    if context < 0:
+        raise ValueError(f"context slices must be >= 0, not {context}")
+    return 2 * context + 1
+
+
+def context_indices(k: int, depth: int, context: int) -> list[int]:
+    """The slices a 2.5-D input of slice ``k`` is made of, in channel order:
+    ``k - context .. k + context``, each clipped to ``[0, depth - 1]`` (the edge slice repeats)."""
+    if not 0 <= k < depth:
+        raise ValueError(f"slice {k} is outside a volume of {depth} slices")
+    input_channels(context)
+    return [min(max(j, 0), depth - 1) for j in range(k - context, k + context + 1)]
+
+
+def preprocess_context(slices: "list[np.ndarray]", size: int) -> tuple[np.ndarray, Frame]:
+    """Neighbouring slices (decoded pixels of equal shape, channel order, the middle one the
+    slice segmented) -> float32 ``(1, len(slices), size, size)``: each one as :func:`preprocess`
+    places it, stacked as channels; the :class:`Frame` is theirs (all the same)."""
+    if not slices:
+        raise ValueError("a 2.5-D input needs at least one slice")
+    parts = [preprocess(p, size) for p in slices]
+    frames = {(f.height, f.width) for _, f in parts}
+    if len(frames) != 1:
+        raise ValueError(f"the slices of a 2.5-D input differ in shape: {sorted(frames)}")
+    return np.ascontiguousarray(np.concatenate([t for t, _ in parts], axis=1)), parts[len(parts) // 2][1]
 
 
 def postprocess(logits: np.ndarray, frame: Frame) -> np.ndarray:

@@ -3,6 +3,10 @@ segmenter (cached per image) -> one mask for the whole image.
 
 The cached "embedding" of a segmenter is its output logits, so a follow-up ``Segment`` on the
 same ``image_id`` (another mask encoding, say) costs no model call.
+
+A 2.5-D segmenter (``medseg.context_slices`` > 0: neighbouring slices as input channels) has
+no 2-D image to work on: ``Segment`` refuses it (INVALID_ARGUMENT, pointing at the volume API);
+``SegmentVolume`` feeds it (:mod:`service.inference.volumes`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from service.inference.observer import Observer
 from service.backends.repository import SegmenterModel
 from service.inference.pipeline import CachedPipeline
 from service.core.geometry import Frame
-from service.core.segmenter_io import postprocess, preprocess
+from service.core.segmenter_io import input_channels, postprocess, preprocess, preprocess_context
 
 
 class SegmenterPipeline(CachedPipeline):
@@ -51,6 +55,11 @@ class SegmenterPipeline(CachedPipeline):
                 f"{self.model.structure} in the whole image (see ListModels)")
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
+        if self.model.context:
+            raise errors.InvalidArgument(
+                f"model {self.info.name!r} is a 2.5-D segmenter: it reads each slice with its "
+                f"{self.model.context} neighbouring slice(s) on each side, which one 2-D image does not have; "
+                "upload the series or volume (UploadVolume) and call SegmentVolume with this model")
         image_id, entry, _ = await self.resolve(request)
         # upsampling works on every class channel at input size (argmax over more than two)
         channels = int(entry.output.shape[1]) if entry.output.ndim == 4 else 1
@@ -75,5 +84,10 @@ class SegmenterPipeline(CachedPipeline):
     async def warmup(self) -> None:
         size = self.info.input_size
         ramp = np.linspace(0.0, 1.0, size * size, dtype=np.float32).reshape(size, size)
-        logits, frame = await self._encode(DecodedImage(ramp, "raw"))
+        if not self.model.context:
+            logits, frame = await self._encode(DecodedImage(ramp, "raw"))
+        else:
+            tensor, frame = preprocess_context([ramp] * input_channels(self.model.context), size)
+            logits = (await self._backend.infer(self.model.entry.name, {self._input: tensor}, [self._output],
+                                                self._timeout))[self._output]
         postprocess(logits, frame)

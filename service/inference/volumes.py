@@ -33,7 +33,7 @@ from service.core.dicom_seg import SegOptions
 from service.core.domain import Box, MaskEncoding, Point, PromptKind, Window
 from service.core.mask_codec import encode_mask
 from service.core.prompts import check_box
-from service.core.segmenter_io import postprocess, preprocess
+from service.core.segmenter_io import context_indices, postprocess, preprocess, preprocess_context
 from service.core.volume import Volume, VolumeLimits, VolumeSource, estimate_volume_bytes, load_volume
 from service.inference import propagation as prop
 from service.inference import work
@@ -468,7 +468,8 @@ class VolumeService:
             for start in range(lo, hi + 1, batch):
                 ks = list(range(start, min(hi, start + batch - 1) + 1))
                 t = time.perf_counter()
-                tensors, frame = await work.run_in_thread(self._segmenter_inputs, volume, ks, pipeline.info.input_size)
+                tensors, frame = await work.run_in_thread(self._segmenter_inputs, volume, ks, pipeline.info.input_size,
+                                                          pipeline.model.context)
                 work.check_current(f"the segmenter (slice {ks[0]})")
                 out = await self._backend.infer(entry.name, {entry.inputs[0].name: tensors}, [entry.outputs[0].name],
                                                 self._timeout)
@@ -490,8 +491,14 @@ class VolumeService:
                 self._metrics.volume_event("stream_stopped", pipeline.info.name)
 
     @staticmethod
-    def _segmenter_inputs(volume: Volume, ks: list[int], size: int):
-        parts = [preprocess(volume.slice_pixels(k), size) for k in ks]
+    def _segmenter_inputs(volume: Volume, ks: list[int], size: int, context: int = 0):
+        """The segmenter's batch for slices ``ks``: each slice, or (2.5-D) each slice with its
+        ``context`` neighbours on each side as channels (:mod:`service.core.segmenter_io`)."""
+        if context:
+            parts = [preprocess_context([volume.slice_pixels(j) for j in context_indices(k, volume.depth, context)],
+                                        size) for k in ks]
+        else:
+            parts = [preprocess(volume.slice_pixels(k), size) for k in ks]
         return np.concatenate([t for t, _ in parts]), parts[0][1]
 
     def _slice_mask(self, volume: Volume, k: int, result: prop.SliceResult, encoding: MaskEncoding,

@@ -81,3 +81,61 @@ def test_one_box_pseudo_labels_train_a_model_the_gateway_serves_over_a_volume(sh
         nifti = whole.nifti()
         assert nifti.shape == tuple(CROP[a][1] - CROP[a][0] for a in "xyz")
         assert int(np.asarray(nifti.dataobj).sum()) == summary.voxel_count > 0
+
+
+@pytest.mark.slow
+def test_a_2_5d_segmenter_is_served_over_a_volume_with_its_neighbouring_slices_and_refused_for_2d(
+        shared_data, tmp_path):
+    """``--context-slices 1``: trained on (slice, neighbours) stacks of the reference, exported with
+    3 input channels and ``medseg.context_slices``; the gateway feeds SegmentVolume the same stacks
+    (masks equal to the exported file's on those stacks, and not those of the middle slice
+    repeated), and refuses a 2-D Segment with INVALID_ARGUMENT naming the volume API."""
+    import grpc
+
+    from medseg_client import image_from_array
+    from training import volume_training as vt
+    from training.evaluate import onnx_predictor
+    from training.model import NetworkConfig
+    from training.train import TrainConfig
+
+    folder = shared_data / "volumes" / "colin27_t1"
+    image = vt.crop_nifti(folder / "image.nii.gz", tmp_path / "image.nii.gz", **CROP)
+    mask = vt.crop_nifti(folder / "masks" / f"{STRUCTURE}.nii.gz", tmp_path / "mask.nii.gz", **CROP)
+    volume = vt.read_volume(image)
+    cfg = TrainConfig(structure="thalamus", size=64, iterations=40, batch_size=4, lr=3e-3, threads=2,
+                      checkpoint_every=1000, network=NetworkConfig(channels=(8, 16, 32), context_slices=1))
+    vt.train_volume(cfg, volume, vt.label_map(vt.model_masks(mask, volume)), "full", tmp_path / "run",
+                    progress=False)
+    vt.export(tmp_path / "run", tmp_path / "repo", "unet_25d_smoke")
+    from service.backends.repository import read_entry
+
+    entry = read_entry(tmp_path / "repo" / "unet_25d_smoke")
+    assert entry.inputs[0].dims == (3, 64, 64) and entry.gateway.context_slices == 1
+    assert "2.5-D" in entry.gateway.description
+
+    onnx_run = onnx_predictor(str(tmp_path / "repo" / "unet_25d_smoke" / "1" / "model.onnx"))
+    frame = preprocess(volume.slice_pixels(0), cfg.size)[1]
+    expected, flat = {}, {}
+    for k in range(volume.depth):
+        m = postprocess(onnx_run(vt.served_inputs(volume, [k], cfg.size, context=1).numpy()), frame)
+        expected[k] = volume.mask_to_input(m)
+        alone = np.repeat(vt.served_inputs(volume, [k], cfg.size).numpy(), 3, axis=1)   # no neighbours
+        flat[k] = volume.mask_to_input(postprocess(onnx_run(alone), frame))
+    assert any(v.any() for v in expected.values()), "the smoke model segments nothing on its own training crop"
+
+    gw = GatewayProcess(tmp_path / "gw", "--model-repository", str(tmp_path / "repo"),
+                        "--default-model", "unet_25d_smoke")
+    with gw.serving(), SegmentationClient(gw.target, timeout=60.0) as client:
+        uploaded = client.upload_volume(image)
+        got = {s.slice_index: s.mask for s in client.segment_volume(uploaded.volume_id, model="unet_25d_smoke")}
+        for k in range(volume.depth):
+            m = got.get(k, np.zeros_like(expected[k]))
+            assert np.mean(m == expected[k]) > 0.999, k
+        assert any(np.mean(expected[k] != flat[k]) > 0.001 for k in expected), \
+            "the neighbouring slices change nothing: this test cannot tell a 2.5-D input from a repeated slice"
+        with pytest.raises(grpc.RpcError) as refused:
+            client.segment(image=image_from_array(np.zeros((64, 64), np.uint8)), model="unet_25d_smoke")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "2.5-D" in refused.value.details() and "SegmentVolume" in refused.value.details()
+        again = client.segment_volume(uploaded.volume_id, model="unet_25d_smoke")   # still serving
+        assert {s.slice_index for s in again} == set(got) and again.summary.model_name == "unet_25d_smoke"

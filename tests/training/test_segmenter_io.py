@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.core.segmenter_io import postprocess, preprocess, resize_labels
+from service.core.segmenter_io import (context_indices, input_channels, postprocess, preprocess, preprocess_context,
+                                      resize_labels)
 
 
 def test_preprocess_resizes_longest_side_and_pads_bottom_right():
@@ -46,3 +47,39 @@ def test_resize_labels_marks_padding_as_ignored():
     _, frame = preprocess(np.zeros((10, 5), np.float32), 8)
     out = resize_labels(labels, frame, ignore=-1)
     assert (out[:, :4] == 1).all() and (out[:, 4:] == -1).all()
+
+
+@pytest.mark.parametrize("k, depth, context, expected", [
+    (2, 5, 1, [1, 2, 3]),
+    (0, 5, 1, [0, 0, 1]),          # the edge slice repeats past the volume's end
+    (4, 5, 1, [3, 4, 4]),
+    (1, 5, 2, [0, 0, 1, 2, 3]),
+    (0, 1, 2, [0, 0, 0, 0, 0]),
+    (3, 5, 0, [3]),
+])
+def test_context_indices_are_the_slice_and_its_neighbours_clipped_to_the_volume(k, depth, context, expected):
+    assert context_indices(k, depth, context) == expected
+    assert len(expected) == input_channels(context)
+
+
+@pytest.mark.parametrize("k, depth, context", [(5, 5, 1), (-1, 5, 1), (0, 5, -1)])
+def test_context_indices_refuse_a_slice_outside_the_volume_or_a_negative_context(k, depth, context):
+    with pytest.raises(ValueError):
+        context_indices(k, depth, context)
+
+
+def test_preprocess_context_stacks_each_slice_as_preprocess_places_it_in_channel_order():
+    rng = np.random.default_rng(1)
+    slices = [rng.random((30, 50)).astype(np.float32) for _ in range(3)]
+    tensor, frame = preprocess_context(slices, 32)
+    assert tensor.shape == (1, 3, 32, 32) and tensor.dtype == np.float32
+    for c, pixels in enumerate(slices):
+        alone, f = preprocess(pixels, 32)
+        assert np.array_equal(tensor[0, c], alone[0, 0]) and f == frame
+
+
+def test_preprocess_context_refuses_slices_of_different_shapes_or_none():
+    with pytest.raises(ValueError, match="differ in shape"):
+        preprocess_context([np.zeros((8, 8), np.float32), np.zeros((8, 9), np.float32)], 16)
+    with pytest.raises(ValueError):
+        preprocess_context([], 16)

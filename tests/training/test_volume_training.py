@@ -92,6 +92,22 @@ def test_pseudo_samples_hold_the_map_in_scribbles_and_the_served_input():
     assert (samples.pseudo == -1).all()
 
 
+def test_2_5d_samples_hold_each_slice_with_its_neighbours_as_channels_and_the_middle_slices_label():
+    image, mask = cube_stack(h=16, w=12)
+    image = image + np.arange(len(image), dtype=np.float32)[:, None, None] * 0.01   # every slice differs
+    volume = raw_volume(image)
+    samples = vt.volume_samples(volume, vt.label_map(mask), 16, "full", background_every=4, context=1)
+    ks = vt.slice_indices(samples)
+    assert samples.images.shape == (len(ks), 3, 16, 16)
+    for i, k in enumerate(ks):
+        for c, j in enumerate((max(k - 1, 0), k, min(k + 1, volume.depth - 1))):
+            np.testing.assert_array_equal(samples.images[i, c].numpy(), preprocess(volume.slice_pixels(j), 16)[0][0, 0])
+        np.testing.assert_array_equal(samples.masks[i, :, :12].numpy(), mask[k].astype(np.int64))
+    from training.model import build_network
+
+    assert build_network(replace(TINY, context_slices=1))(samples.images[:2]).shape == (2, 2, 16, 16)
+
+
 def test_full_samples_hold_the_reference_in_masks_and_refuse_ignored_voxels():
     image, mask = cube_stack()
     volume = raw_volume(image)
@@ -295,3 +311,18 @@ def test_cli_trains_from_a_saved_pseudo_label_and_evaluates_in_3d(tmp_path, caps
         cli.main(["train-volume", "--method", "full", "--iterations", "1", *common])
     with pytest.raises(SystemExit, match="--pseudo"):
         cli.main(["train-volume", "--method", "pseudo_ce", "--iterations", "1", *common])
+    # 2.5-D: its own run folder (a run of another context is not resumed), evaluated with its stacks
+    with pytest.raises(ValueError, match="other context slices"):
+        cli.main(["train-volume", "--method", "pseudo", "--pseudo", str(tmp_path / "pl"), "--iterations", "4",
+                  "--context-slices", "1", *common])
+    deep = [str(tmp_path / "run25") if a == str(run) else a for a in common]
+    assert cli.main(["train-volume", "--method", "pseudo", "--pseudo", str(tmp_path / "pl"), "--iterations", "2",
+                     "--context-slices", "1", *deep]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "run25" / "config.json").read_text())["network"]["context_slices"] == 1
+    assert cli.main(["evaluate-volume", "--checkpoint", str(tmp_path / "run25" / "checkpoint.pt"), "--volume",
+                     str(tmp_path / "img.nii.gz"), "--reference", str(tmp_path / "ref.nii.gz")]) == 0
+    assert json.loads(capsys.readouterr().out)["reference_voxels"] == 75
+    with pytest.raises(SystemExit, match="--context-slices"):
+        cli.main(["train-volume", "--method", "pseudo", "--pseudo", str(tmp_path / "pl"), "--context-slices", "-1",
+                  *deep])

@@ -71,3 +71,23 @@ def test_runtime_parameters_are_typed_and_reach_the_runtimes_as_their_keys():
     assert back.runtime == bf16.runtime
     assert back.parameters == {runtimes.RUNTIME: "openvino", runtimes.PRECISION: "bf16", runtimes.THREADS: "1"}
     assert runtimes.runtime_of(back.parameters) == "openvino"
+
+
+def test_a_2_5d_segmenter_is_discovered_with_its_context_and_a_channel_mismatch_is_refused(tmp_path):
+    import pytest
+
+    from export.unet import unet_entry
+    from service.backends.repository import read_entry
+
+    entry = unet_entry("unet_25d", 64, 2, "1", "thalamus", "a 2.5-D test entry", context_slices=2)
+    write_config(tmp_path, entry, "cpu")
+    back = read_entry(tmp_path / "unet_25d")
+    assert back.inputs[0].dims == (5, 64, 64) and back.gateway.context_slices == 2
+    assert discover(tmp_path, "unet_25d")["unet_25d"].context == 2
+    assert discover(tmp_path, "")["unet_25d"].info.prompt_kinds == frozenset()
+
+    write_config(tmp_path, replace(entry, gateway=replace(entry.gateway, context_slices=1)), "cpu")
+    with pytest.raises(ValueError, match="has 5 channels; with medseg.context_slices 1 it takes 3"):
+        discover(tmp_path, "unet_25d")
+    write_config(tmp_path, unet_entry("unet_25d", 64, 2, "1", "thalamus", "2-D"), "cpu")
+    assert discover(tmp_path, "unet_25d")["unet_25d"].context == 0
