@@ -401,6 +401,22 @@ FINDINGS = """## Findings
   boxes under-cover a rounded structure between its tip and its widest slice.
 - **Drops**: a correction re-prompts the slices between it and its neighbouring anchors; where the new
   hull box is worse there than the old propagation (brain, slice 8 then 60), Dice falls (up to 0.068).
+- **Tried after that, not kept** (probes on colin27's 13 nuclei with cached BF16 embeddings; one box,
+  mean 3-D Dice 0.450 with the default rules): the user's box re-centred on the previous mask 0.420
+  (also rescaled with it 0.425); two prompts per slice, the user's box and the mask's box, keeping
+  the answer with the higher predicted IoU 0.404, the larger overlap with the previous mask 0.441,
+  the closer feature 0.431; the feature stop against the previous slice instead of the anchor
+  0.306-0.365; a lower feature threshold (0.6) 0.446. After 5 corrections (mean 0.592 with the
+  default), keeping the segment's slice extent on each side where the correction lies inside it
+  gave a largest drop of 0.034 instead of 0.038 but 0.580 after corrections (it blocks the growth a
+  correction near the end should bring), and chaining logits from both anchors between them 0.595
+  with a 0.100 drop on the left amygdala.
+- **Where one box loses**: the tails of caudate, hippocampus and putamen stop early at the feature
+  threshold (caudate_left keeps slices 90-96 of 59-97), and the user's box stops overlapping a
+  structure that moves across slices (caudate_left's 12-pixel-wide box covers none of it below
+  slice 83). Following the mask instead drifts, because LiteMedSAM's masks inside a box are about
+  half the structure's area on these slices. Closing the gap to 0.9 of the oracle needs a tracker
+  that does not rely on the 2-D model's own masks (a 3-D or memory-based model), not another rule.
 - **DICOM series vs NIfTI**: the same masks to the last voxel (the model sees identical pixels).
 - **Non-compact structures** (skull bone, white and grey matter) are far below usable with boxes; they
   are outside the targets.
