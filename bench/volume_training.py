@@ -20,6 +20,9 @@ trained once per seed of ``--seeds`` (seed = initial weights, batch order, augme
   cached in ``WORK/pseudo_*key_whole``;
 * ``boxes`` (the issue's (c)): the reference's bounding box on every slice of the training
   structure (an annotator boxing each slice), the trainer's ``box_size`` (tightness prior + box fill);
+* ``pseudo`` with ``--key-slices every`` ((c'), run ``pseudo_everykey``): the same boxes, each slice
+  LiteMedSAM inside its own box (the seeds' box -> SAM label; ``volume_pseudo_labels.EVERY_SLICE``:
+  nothing propagated, beyond the boxed slices background), then the loss of (b);
 * ``full_ce`` / ``pseudo_ce``: the same labels as ``full`` / ``pseudo`` through partial CE only
   (controls: the loss the first measurement used).
 
@@ -69,6 +72,10 @@ SETTINGS = ("threads", "seeds", "iterations", "batch_size", "size", "context_sli
 LABELS = {"full": "(a) full reference masks", "pseudo": "(b) one-box pseudo-label",
           "boxes": "(c) box on every slice", "scribbles": "(d) scribbles on every kept slice", "full_ce": "(a') reference, partial CE only",
           "pseudo_ce": "(b') one-box pseudo-label, partial CE only"}
+# --key-slices every: the reference's box on every slice of the structure, LiteMedSAM inside each
+# (nothing propagated), the same loss as (b)
+EVERY_SLICE_LABELS = {"pseudo": "(c') box on every slice -> LiteMedSAM pseudo-label",
+                      "pseudo_ce": "(c'') box on every slice -> LiteMedSAM pseudo-label, partial CE only"}
 
 # Seconds per annotation: published figures for *natural* images (PASCAL VOC, ILSVRC, COCO). Outlining a
 # structure on a medical slice is typically slower; the table uses them only to compare methods.
@@ -111,7 +118,8 @@ def pseudo_label(work: Path, files: dict[str, Path], structure: str, key_slices:
     label and uncertain files are then cropped to the training hemisphere like the image."""
     import shutil
 
-    whole, folder, name = work / f"pseudo_{key_slices}key_whole", work / f"pseudo_{key_slices}key", f"{structure}_left"
+    tag = key_tag(key_slices)
+    whole, folder, name = work / f"pseudo_{tag}key_whole", work / f"pseudo_{tag}key", f"{structure}_left"
     if not (whole / f"{name}.json").is_file():
         if not predictor_box:
             from service.inference.predictor import SamPredictor
@@ -131,13 +139,18 @@ def pseudo_label(work: Path, files: dict[str, Path], structure: str, key_slices:
     return labels, pl, vt.model_masks(folder / f"{name}_label.nii.gz", volume)
 
 
+def key_tag(key_slices: int) -> str:
+    """How a key-slice count appears in run and folder names: ``3``, or ``every``."""
+    return "every" if key_slices == vpl.EVERY_SLICE else str(key_slices)
+
+
 def annotations(method: str, key_slices: int, reference_slices: int) -> tuple[str, int]:
     """(kind of :data:`ANNOTATION_SECONDS`, how many) a method's labels cost an annotator on the
     training structure that spans ``reference_slices`` slices."""
     if method in ("full", "full_ce"):
         return "outline", reference_slices
     if method in ("pseudo", "pseudo_ce"):
-        return "box", key_slices
+        return "box", reference_slices if key_slices == vpl.EVERY_SLICE else key_slices
     if method == "scribbles":
         return "scribble", reference_slices
     return "box", reference_slices
@@ -213,7 +226,9 @@ def table(rows: list[dict], header: str) -> str:
                       "(left hemisphere) | uncertain fraction of label ∪ reference | propagation s (whole volume) |",
                   "|---|---|---|---|---|"]
         for r in labels.values():
-            lines.append(f"| {r['structure']} | {r['key_slice_indices']} | {r['label_dice']:.3f} | "
+            keys = (f"every slice ({len(r['key_slice_indices'])})" if r["key_slices"] == vpl.EVERY_SLICE
+                    else r["key_slice_indices"])
+            lines.append(f"| {r['structure']} | {keys} | {r['label_dice']:.3f} | "
                          f"{r['unc_in_union']:.2f} | {r['label_seconds']:.1f} |")
     lines += ["", "| structure | method | annotations | s per annotation (fast – usual) | annotator minutes "
                   "(fast – usual) | 3-D Dice (mean) | Dice per annotator minute (usual) |",
@@ -226,7 +241,7 @@ def table(rows: list[dict], header: str) -> str:
             continue
         fast, usual = ANNOTATION_SECONDS[kind]
         what = {"outline": f"outlines of {n} slices", "box": f"{n} box{'es' if n > 1 else ''}"}[kind]
-        if a["method"] == "boxes":
+        if a["method"] == "boxes" or a["key_slices"] == vpl.EVERY_SLICE:
             what = f"a box on each of {n} slices"
         lines.append(f"| {a['structure']} | {a['label']} | {what} | {fast:g} – {usual:g} | "
                      f"{n * fast / 60:.1f} – {n * usual / 60:.1f} | {a['dice_mean']:.3f} | "
@@ -272,7 +287,9 @@ def run_list(methods: str, key_slices: str) -> list[tuple[str, str, int]]:
         if method not in vt.METHODS:
             raise SystemExit(f"unknown method {method!r}; choose from {', '.join(vt.METHODS)}")
         if method in vt.PSEUDO_METHODS:
-            out += [(f"{method}_{n}key", method, int(n)) for n in key_slices.split(",")]
+            for n in key_slices.split(","):
+                count = vpl.EVERY_SLICE if n == "every" else int(n)
+                out.append((f"{method}_{key_tag(count)}key", method, count))
         else:
             out.append((method, method, 0))
     return out
@@ -309,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--structures", default="thalamus,putamen,caudate")
     p.add_argument("--methods", default="full,pseudo,boxes,scribbles,full_ce,pseudo_ce",
                    help=f"comma list of {', '.join(vt.METHODS)}")
-    p.add_argument("--key-slices", default="1", help="comma list: pseudo-labels from this many key slices")
+    p.add_argument("--key-slices", default="1",
+                   help="comma list: pseudo-labels from this many key slices (every: a box on every slice, (c'))")
     p.add_argument("--seeds", default="0", help="comma list: each run is trained once per seed")
     p.add_argument("--context-slices", type=int, default=0,
                    help="also train the --context-runs 2.5-D with this many neighbouring slices on each side")
@@ -370,7 +388,10 @@ def train_and_score(args: argparse.Namespace, s: Structure, run: str, method: st
                              source={"volume": str(s.files["image_left"])}, progress=False)
     record = json.loads((run_dir / vt.RUN_FILE).read_text())
     score = vt.evaluate_volume(result.model, s.eval_volume, s.reference_eval, args.size, context=context)
-    label = LABELS[method] + (f" ({key_slices} key slice{'s' if key_slices > 1 else ''})" if key_slices else "")
+    if key_slices == vpl.EVERY_SLICE:
+        label = EVERY_SLICE_LABELS[method]
+    else:
+        label = LABELS[method] + (f" ({key_slices} key slice{'s' if key_slices > 1 else ''})" if key_slices else "")
     label += f", 2.5-D ({2 * context + 1} slices in)" if context else ""
     return {"structure": s.name, "run": run, "method": method, "key_slices": key_slices, "seed": seed,
             "context_slices": context,

@@ -208,7 +208,8 @@ def cmd_volume_pseudo_labels(args: argparse.Namespace) -> int:
     bounds = tuple(int(v) for v in args.bounds.split(",")) if args.bounds else None
     predictor = SamPredictor.from_repository(args.repository, args.model, threads=args.threads)
     rules = vpl.UncertainRules(min_iou=args.min_iou, edge_px=args.edge_px)
-    pl = vpl.volume_pseudo_label(predictor, volume, reference, key_slices=args.key_slices, jitter=args.jitter,
+    key_slices = vpl.EVERY_SLICE if args.key_slices == "every" else int(args.key_slices)
+    pl = vpl.volume_pseudo_label(predictor, volume, reference, key_slices=key_slices, jitter=args.jitter,
                                  seed=args.seed, bounds=bounds, rules=rules, name=name)
     vpl.save(pl, args.out)
     flags, report = vpl.write_qc(pl, volume, args.out / "qc")
@@ -371,7 +372,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, required=True,
                    help="reference mask NIfTI (the boxes are simulated from it)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--key-slices", type=int, choices=(1, 2, 3, 5), default=1)
+    p.add_argument("--key-slices", choices=("1", "2", "3", "5", "every"), default="1",
+                   help="boxes on this many key slices, propagated; every: a box on every slice of the structure, "
+                        "LiteMedSAM inside each, nothing propagated (beyond the boxed slices: background)")
     p.add_argument("--jitter", type=float, default=None, help="noisy-box jitter, fraction of each box side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bounds", default=None, help="FIRST,LAST slice range to propagate over (default: all)")

@@ -9,6 +9,10 @@ turns it into slice masks; this module makes a training label of them:
   area (where a person draws the box); ``n > 1`` key slices are evenly spaced over the
   reference's slice extent ``[first, last]`` at ``first + (last - first) * (i + 0.5) / n``
   (centred: no box on a one-voxel tip), each moved to the nearest slice with reference pixels;
+  ``key_slices=EVERY_SLICE`` (:func:`volume_pseudo_label`) is a box on *every* slice that shows
+  the structure: each slice is LiteMedSAM inside its own box (the seeds' box -> SAM pseudo-label),
+  nothing is propagated, and the slices beyond the boxed ones are background (the annotator
+  said where the structure ends), not uncertain;
 * **boxes** (:func:`drawn_box`): the reference's tight box on the key slice, optionally
   jittered by the noisy-box simulator of :mod:`training.weak_labels` (each side moved by
   ``uniform(-jitter, jitter)`` x its side length), seeded per key slice;
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +53,7 @@ from training import qc
 from training import weak_labels as wl
 
 KEY_SLICES = (1, 2, 3, 5)
+EVERY_SLICE = -1          # key_slices: a box on every slice with reference pixels (no propagation)
 RANGE_END = "range end"   # propagation's stop reason where the slice range ended
 
 
@@ -59,6 +64,9 @@ class UncertainRules:
     min_iou: float = 0.5       # a slice whose predicted IoU is below this is uncertain
     edge_px: int = 2           # band half-width around the mask edge, in-plane pixels
     stop_slices: bool = True   # the last kept slice and the next one at each stopped side
+    # the slices outside the segment's bounds are uncertain (never looked at); False where the
+    # bounds are what the annotator said (a box on every slice: beyond them is background)
+    outside_bounds: bool = True
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,8 @@ def uncertain_slices(records: Sequence[SliceRecord], stops: Sequence[Stop], dept
                 out.add(s.last)
             if 0 <= s.last + s.step < depth:
                 out.add(s.last + s.step)
-    out.update(k for k in range(depth) if not bounds[0] <= k <= bounds[1])
+    if rules.outside_bounds:
+        out.update(k for k in range(depth) if not bounds[0] <= k <= bounds[1])
     return sorted(k for k in out if 0 <= k < depth)
 
 
@@ -243,7 +252,12 @@ def volume_pseudo_label(vp_or_predictor: VolumePredictor | SamPredictor, volume:
         ref_extent = None
     else:
         ref = reference_slices(reference_or_box, volume)
-        if keys is None:
+        if keys is None and key_slices == EVERY_SLICE:
+            keys = [int(k) for k in np.flatnonzero(ref.reshape(len(ref), -1).any(axis=1))]
+            if bounds is None and keys:
+                bounds = (keys[0], keys[-1])         # the boxes say where the structure is
+            rules = replace(rules, outside_bounds=False)
+        elif keys is None:
             keys = key_slices_of(ref.reshape(len(ref), -1).sum(axis=1), key_slices)
         else:
             keys = sorted({int(k) for k in keys})
@@ -254,12 +268,21 @@ def volume_pseudo_label(vp_or_predictor: VolumePredictor | SamPredictor, volume:
         ref_extent = extent(ref)
     lo, hi = bounds if bounds is not None else (0, volume.depth - 1)
     start = time.perf_counter()
-    segment = Segment(vp, (lo, hi))
-    masks = np.zeros((volume.depth, *volume.slice_shape), bool)
-    for k, box in anchors:
-        masks = segment.apply(prop.Interaction(k, box))
+    if key_slices == EVERY_SLICE and not isinstance(reference_or_box, tuple):
+        # every boxed slice is an anchor; a slice between them the annotator left unboxed (no
+        # reference pixels) is erased: nothing is propagated, one pass over the whole state
+        boxed = {k for k, _ in anchors}
+        state = prop.State(tuple(sorted(anchors)), frozenset(k for k in range(lo, hi + 1) if k not in boxed), (lo, hi))
+        results = vp.run(state)
+        masks = vp.masks(results)
+        records, stops = records_of(state, results)
+    else:
+        segment = Segment(vp, (lo, hi))
+        masks = np.zeros((volume.depth, *volume.slice_shape), bool)
+        for k, box in anchors:
+            masks = segment.apply(prop.Interaction(k, box))
+        records, stops = records_of(segment.state, segment.results)
     seconds = time.perf_counter() - start
-    records, stops = records_of(segment.state, segment.results)
     unc = uncertain_mask(masks, records, stops, (lo, hi), rules)
     label = volume.mask_array({k: masks[k] for k in range(volume.depth) if masks[k].any()})
     uncertain = volume.mask_array({k: unc[k] for k in range(volume.depth) if unc[k].any()}).astype(bool)

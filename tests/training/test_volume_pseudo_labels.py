@@ -144,16 +144,24 @@ def test_cli_defines_the_volume_pseudo_labels_command():
     args = cli.parser().parse_args(["volume-pseudo-labels", "--volume", "a.nii.gz", "--reference", "m.nii.gz",
                                     "--out", "o", "--key-slices", "3", "--jitter", "0.1", "--seed", "2"])
     assert args.func is cli.cmd_volume_pseudo_labels
-    assert (args.key_slices, args.jitter, args.seed) == (3, 0.1, 2)
+    assert (args.key_slices, args.jitter, args.seed) == ("3", 0.1, 2)
+    assert cli.parser().parse_args(["volume-pseudo-labels", "--volume", "a", "--reference", "m", "--out", "o",
+                                    "--key-slices", "every"]).key_slices == "every"
 
 
 # --------------------------------------------------------------------------- one real run
 @pytest.fixture(scope="module")
-def real_run(shared_data):
+def predictor():
     if not (REPOSITORY / "medsam_lite_encoder" / "1" / "model.onnx").is_file():
         pytest.skip("LiteMedSAM ONNX files missing: run `python -m export medsam_lite --check-cases 0`")
-    from service.core.volume import VolumeSource, load_volume
     from service.inference.predictor import SamPredictor
+
+    return SamPredictor.from_repository(REPOSITORY, "medsam_lite", threads=2)
+
+
+@pytest.fixture(scope="module")
+def real_run(shared_data, predictor):
+    from service.core.volume import VolumeSource, load_volume
 
     folder = shared_data / "volumes" / "colin27_t1"
     volume = load_volume(VolumeSource("nifti", data=(folder / "image.nii.gz").read_bytes()))
@@ -161,7 +169,6 @@ def real_run(shared_data):
     reference = load_volume(VolumeSource("nifti", data=mask_file.read_bytes()))
     ref = vpl.reference_slices(reference, volume)
     key = vpl.key_slices_of(ref.reshape(len(ref), -1).sum(axis=1))[0]
-    predictor = SamPredictor.from_repository(REPOSITORY, "medsam_lite", threads=2)
     pl = vpl.volume_pseudo_label(predictor, volume, reference, bounds=(key - 2, key + 2), name="thalamus_left")
     return volume, folder, mask_file, key, pl
 
@@ -199,6 +206,34 @@ def test_one_box_on_colin27_thalamus_gives_a_label_on_the_volume_grid(real_run, 
     np.testing.assert_allclose(back.affine, pl.affine)
     assert back.records == pl.records and back.stops == pl.stops and back.key_slices == pl.key_slices
     assert back.bounds == pl.bounds and back.reference_extent == pl.reference_extent
+
+
+@pytest.mark.slow
+def test_a_box_on_every_slice_is_litemedsam_in_each_box_with_background_beyond_and_gaps_left_empty(real_run,
+                                                                                                   predictor):
+    """``key_slices=EVERY_SLICE``: every slice with reference pixels is an anchor prompted with its
+    own tight box, nothing is propagated (no tails, no stops), a slice inside the extent without
+    reference pixels stays empty, and the slices beyond the boxed ones are certain background."""
+    from service.core.domain import Prompt
+    from service.core.volume import VolumeSource, load_volume
+    from service.inference.volume_predictor import VolumePredictor
+
+    volume, folder, mask_file, key, _ = real_run
+    ref = vpl.reference_slices(load_volume(VolumeSource("nifti", data=mask_file.read_bytes())), volume)
+    few = np.zeros_like(ref)
+    few[[key - 2, key - 1, key + 1, key + 2]] = ref[[key - 2, key - 1, key + 1, key + 2]]   # key: a gap
+    vp = VolumePredictor(predictor, volume)
+    pl = vpl.volume_pseudo_label(vp, volume, few, key_slices=vpl.EVERY_SLICE, name="thalamus_left")
+    assert pl.key_slices == (key - 2, key - 1, key + 1, key + 2) and pl.bounds == (key - 2, key + 2)
+    assert pl.stops == () and {r.source for r in pl.records} == {"anchor"}
+    assert [r.slice_index for r in pl.records] == list(pl.key_slices)
+    for k in pl.key_slices:
+        np.testing.assert_array_equal(pl.masks[k], vp.box_mask(k, Prompt(box=prop.bounding_box(few[k]))))
+    assert not pl.masks[key].any()                                     # the unboxed slice in between
+    assert not pl.masks[: key - 2].any() and not pl.masks[key + 3:].any()
+    near = slice(key - 2, key + 3)
+    assert not pl.uncertain[:, :, : key - 2].any() and not pl.uncertain[:, :, key + 3:].any()   # background
+    assert dice(pl.label[:, :, near] > 0, volume.mask_array({k: few[k] for k in pl.key_slices})[:, :, near] > 0) > 0.7
 
 
 @pytest.mark.slow
