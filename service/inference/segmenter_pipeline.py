@@ -5,7 +5,8 @@ The cached "embedding" of a segmenter is its output logits, so a follow-up ``Seg
 same ``image_id`` (another mask encoding, say) costs no model call.
 
 A 2.5-D segmenter (``medseg.context_slices`` > 0: neighbouring slices as input channels) has
-no 2-D image to work on: ``Segment`` refuses it (INVALID_ARGUMENT, pointing at the volume API);
+no 2-D image to work on: ``Segment`` and ``EmbedImage`` refuse it (INVALID_ARGUMENT, pointing at
+the volume API);
 ``SegmentVolume`` feeds it (:mod:`service.inference.volumes`).
 """
 
@@ -36,7 +37,15 @@ class SegmenterPipeline(CachedPipeline):
         self._input = model.entry.inputs[0].name
         self._output = model.entry.outputs[0].name
 
+    def _refuse_2d(self) -> None:
+        if self.model.context:
+            raise errors.InvalidArgument(
+                f"model {self.info.name!r} is a 2.5-D segmenter: it reads each slice with its "
+                f"{self.model.context} neighbouring slice(s) on each side, which one 2-D image does not have; "
+                "upload the series or volume (UploadVolume) and call SegmentVolume with this model")
+
     async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
+        self._refuse_2d()     # EmbedImage and Segment by image alike
         name = self.info.name
         with self._metrics.stage("preprocess", name):
             tensor, frame = await work.run_in_thread(preprocess, decoded.pixels, self.info.input_size)
@@ -55,11 +64,7 @@ class SegmenterPipeline(CachedPipeline):
                 f"{self.model.structure} in the whole image (see ListModels)")
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
-        if self.model.context:
-            raise errors.InvalidArgument(
-                f"model {self.info.name!r} is a 2.5-D segmenter: it reads each slice with its "
-                f"{self.model.context} neighbouring slice(s) on each side, which one 2-D image does not have; "
-                "upload the series or volume (UploadVolume) and call SegmentVolume with this model")
+        self._refuse_2d()
         image_id, entry, _ = await self.resolve(request)
         # upsampling works on every class channel at input size (argmax over more than two)
         channels = int(entry.output.shape[1]) if entry.output.ndim == 4 else 1

@@ -89,7 +89,7 @@ def test_a_2_5d_segmenter_is_served_over_a_volume_with_its_neighbouring_slices_a
     """``--context-slices 1``: trained on (slice, neighbours) stacks of the reference, exported with
     3 input channels and ``medseg.context_slices``; the gateway feeds SegmentVolume the same stacks
     (masks equal to the exported file's on those stacks, and not those of the middle slice
-    repeated), and refuses a 2-D Segment with INVALID_ARGUMENT naming the volume API."""
+    repeated), and refuses a 2-D Segment or EmbedImage with INVALID_ARGUMENT naming the volume API."""
     import grpc
 
     from medseg_client import image_from_array
@@ -137,5 +137,9 @@ def test_a_2_5d_segmenter_is_served_over_a_volume_with_its_neighbouring_slices_a
             client.segment(image=image_from_array(np.zeros((64, 64), np.uint8)), model="unet_25d_smoke")
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "2.5-D" in refused.value.details() and "SegmentVolume" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as not_embedded:
+            client.embed(image_from_array(np.zeros((64, 64), np.uint8)), model="unet_25d_smoke")
+        assert not_embedded.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "SegmentVolume" in not_embedded.value.details()
         again = client.segment_volume(uploaded.volume_id, model="unet_25d_smoke")   # still serving
         assert {s.slice_index for s in again} == set(got) and again.summary.model_name == "unet_25d_smoke"
