@@ -9,7 +9,7 @@ config as a dict, of which this module reads ``network``, ``seed``, ``size``, ``
 
 Served tensors: ``image`` float32 ``(B, 1, S, S)`` (:func:`service.core.segmenter_io.preprocess`;
 a 2.5-D network ``(B, 2c + 1, S, S)``, the slice and ``c`` = ``context_slices`` neighbours on
-each side, :func:`service.core.segmenter_io.preprocess_context`, gateway parameter
+each side, :func:`service.core.segmenter_io.slice_inputs`, gateway parameter
 ``medseg.context_slices``)
 -> ``logits`` float32 ``(B, C, S, S)`` (channel 0 background; :func:`service.core.segmenter_io.postprocess`).
 B is dynamic (``max_batch_size`` 4 in ``config.pbtxt``). Gateway metadata: model ``NAME``

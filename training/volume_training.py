@@ -41,7 +41,7 @@ Nothing here is a second trainer: slices become :class:`~training.data.Case` obj
 
 **2.5-D** (``TrainConfig.network.context_slices`` = c > 0, ``train-volume --context-slices c``):
 each sample's image is the slice and its ``c`` neighbours on each side as ``2c + 1`` channels
-(:func:`served_inputs`, :func:`service.core.segmenter_io.preprocess_context`, the edge slice
+(:func:`served_inputs`, :func:`service.core.segmenter_io.slice_inputs`, the edge slice
 repeated past the volume's end), its label the middle slice's; exported with
 ``medseg.context_slices`` so that ``SegmentVolume`` feeds it the same stacks (a 2-D ``Segment``
 refuses such a model).
@@ -57,7 +57,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from service.core.segmenter_io import context_indices, postprocess, preprocess, preprocess_context
+from service.core.segmenter_io import postprocess, preprocess, slice_inputs
 from service.core.volume import Volume, VolumeSource, load_volume
 from training.data import Case
 from training.samples import SampleSet, prepare
@@ -157,12 +157,8 @@ def hemisphere_ranges(nx: int) -> tuple[tuple[int, int], tuple[int, int]]:
 def served_inputs(volume: Volume, ks: Sequence[int], size: int, context: int = 0) -> torch.Tensor:
     """float32 ``(N, 2 * context + 1, size, size)``: what ``SegmentVolume`` feeds the segmenter
     for slices ``ks`` (``context`` > 0: a 2.5-D segmenter, each slice with that many neighbours
-    on each side as channels, :func:`service.core.segmenter_io.context_indices`)."""
-    if context:
-        return torch.as_tensor(np.concatenate([
-            preprocess_context([volume.slice_pixels(j) for j in context_indices(k, volume.depth, context)], size)[0]
-            for k in ks]))
-    return torch.as_tensor(np.concatenate([preprocess(volume.slice_pixels(k), size)[0] for k in ks]))
+    on each side as channels): :func:`service.core.segmenter_io.slice_inputs`, as the gateway."""
+    return torch.as_tensor(slice_inputs(volume.slice_pixels, volume.depth, list(ks), size, context)[0])
 
 
 def slice_box(mask: np.ndarray) -> np.ndarray:

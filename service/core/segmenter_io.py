@@ -25,7 +25,7 @@ import numpy as np
 from service.core.geometry import Frame, model_input, upsample_logits
 
 __all__ = ["Frame", "context_indices", "input_channels", "preprocess", "preprocess_context", "postprocess",
-           "resize_labels", "to_grey"]
+           "resize_labels", "slice_inputs", "to_grey"]
 
 
 def to_grey(pixels: np.ndarray) -> np.ndarray:
@@ -75,6 +75,23 @@ def preprocess_context(slices: "list[np.ndarray]", size: int) -> tuple[np.ndarra
     if len(frames) != 1:
         raise ValueError(f"the slices of a 2.5-D input differ in shape: {sorted(frames)}")
     return np.ascontiguousarray(np.concatenate([t for t, _ in parts], axis=1)), parts[len(parts) // 2][1]
+
+
+def slice_inputs(slice_pixels, depth: int, ks: "list[int]", size: int, context: int = 0) -> tuple[np.ndarray, Frame]:
+    """A segmenter's batch for slices ``ks`` of a volume of ``depth`` slices, ``slice_pixels(j)``
+    giving slice ``j``'s decoded pixels: float32 ``(len(ks), 2 * context + 1, size, size)`` (each
+    slice with ``context`` neighbours on each side, :func:`context_indices`; 0: the slice alone)
+    and the slices' :class:`Frame`. Each slice the batch needs is read and preprocessed once."""
+    if not ks:
+        raise ValueError("no slices to segment")
+    need = sorted({j for k in ks for j in context_indices(k, depth, context)})
+    placed = {j: preprocess(slice_pixels(j), size) for j in need}
+    frames = {(f.height, f.width) for _, f in placed.values()}
+    if len(frames) != 1:
+        raise ValueError(f"the slices of a volume differ in shape: {sorted(frames)}")
+    batch = np.concatenate([np.concatenate([placed[j][0] for j in context_indices(k, depth, context)], axis=1)
+                            for k in ks])
+    return np.ascontiguousarray(batch), placed[ks[0]][1]
 
 
 def postprocess(logits: np.ndarray, frame: Frame) -> np.ndarray:

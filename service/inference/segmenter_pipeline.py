@@ -44,8 +44,11 @@ class SegmenterPipeline(CachedPipeline):
                 f"{self.model.context} neighbouring slice(s) on each side, which one 2-D image does not have; "
                 "upload the series or volume (UploadVolume) and call SegmentVolume with this model")
 
+    async def embed(self, image, request: SegmentRequest | None = None):
+        self._refuse_2d()     # before the image is decoded
+        return await super().embed(image, request)
+
     async def _encode(self, decoded: DecodedImage) -> tuple[np.ndarray, Frame]:
-        self._refuse_2d()     # EmbedImage and Segment by image alike
         name = self.info.name
         with self._metrics.stage("preprocess", name):
             tensor, frame = await work.run_in_thread(preprocess, decoded.pixels, self.info.input_size)

@@ -33,7 +33,7 @@ from service.core.dicom_seg import SegOptions
 from service.core.domain import Box, MaskEncoding, Point, PromptKind, Window
 from service.core.mask_codec import encode_mask
 from service.core.prompts import check_box
-from service.core.segmenter_io import context_indices, postprocess, preprocess, preprocess_context
+from service.core.segmenter_io import postprocess, slice_inputs
 from service.core.volume import Volume, VolumeLimits, VolumeSource, estimate_volume_bytes, load_volume
 from service.inference import propagation as prop
 from service.inference import work
@@ -492,14 +492,9 @@ class VolumeService:
 
     @staticmethod
     def _segmenter_inputs(volume: Volume, ks: list[int], size: int, context: int = 0):
-        """The segmenter's batch for slices ``ks``: each slice, or (2.5-D) each slice with its
-        ``context`` neighbours on each side as channels (:mod:`service.core.segmenter_io`)."""
-        if context:
-            parts = [preprocess_context([volume.slice_pixels(j) for j in context_indices(k, volume.depth, context)],
-                                        size) for k in ks]
-        else:
-            parts = [preprocess(volume.slice_pixels(k), size) for k in ks]
-        return np.concatenate([t for t, _ in parts]), parts[0][1]
+        """The segmenter's batch for slices ``ks`` (2.5-D: with ``context`` neighbours on each
+        side as channels; :func:`service.core.segmenter_io.slice_inputs`)."""
+        return slice_inputs(volume.slice_pixels, volume.depth, ks, size, context)
 
     def _slice_mask(self, volume: Volume, k: int, result: prop.SliceResult, encoding: MaskEncoding,
                     run: _Run | None = None) -> SliceMask:

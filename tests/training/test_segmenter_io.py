@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.core.segmenter_io import (context_indices, input_channels, postprocess, preprocess, preprocess_context,
-                                      resize_labels)
+                                      resize_labels, slice_inputs)
 
 
 def test_preprocess_resizes_longest_side_and_pads_bottom_right():
@@ -83,3 +83,23 @@ def test_preprocess_context_refuses_slices_of_different_shapes_or_none():
         preprocess_context([np.zeros((8, 8), np.float32), np.zeros((8, 9), np.float32)], 16)
     with pytest.raises(ValueError):
         preprocess_context([], 16)
+
+
+def test_slice_inputs_read_each_needed_slice_once_and_stack_its_neighbours():
+    rng = np.random.default_rng(2)
+    volume = [rng.random((20, 30)).astype(np.float32) for _ in range(5)]
+    reads = []
+
+    def slice_pixels(j):
+        reads.append(j)
+        return volume[j]
+
+    batch, frame = slice_inputs(slice_pixels, 5, [0, 1, 4], 32, context=1)
+    assert sorted(reads) == [0, 1, 2, 3, 4]                       # 0..2 and 3..4, each once
+    assert batch.shape == (3, 3, 32, 32)
+    for i, k in enumerate([0, 1, 4]):
+        expected, f = preprocess_context([volume[j] for j in context_indices(k, 5, 1)], 32)
+        np.testing.assert_array_equal(batch[i:i + 1], expected)
+        assert f == frame
+    flat, _ = slice_inputs(lambda j: volume[j], 5, [2, 3], 32)
+    np.testing.assert_array_equal(flat, np.concatenate([preprocess(volume[j], 32)[0] for j in (2, 3)]))
