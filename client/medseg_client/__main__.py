@@ -262,14 +262,16 @@ def _segment(client: SegmentationClient, args: argparse.Namespace) -> int:
 
 
 def _models(client: SegmentationClient) -> int:
-    rows = [("NAME", "VERSION", "INPUT", "PROMPTS (* required)", "MASKS/PROMPT", "DEFAULT")]
+    rows = [("NAME", "VERSION", "INPUT", "PROMPTS (* required)", "MASKS/PROMPT", "SLICES", "DEFAULT")]
     for info in client.list_models():
         required = set(info.required_prompt_kinds)
         kinds = ", ".join(
             _kind_name(kind) + ("*" if kind in required else "") for kind in info.prompt_kinds
         )
         candidates = f"1 of {info.mask_candidates}" if info.mask_candidates > 1 else "1"
-        rows.append((info.name, info.version, str(info.input_size), kinds, candidates,
+        # a 2.5-D segmenter reads neighbouring slices: volumes only (segment-volume)
+        slices = f"+-{info.context_slices} (volumes only)" if info.context_slices else "one"
+        rows.append((info.name, info.version, str(info.input_size), kinds, candidates, slices,
                      "yes" if info.is_default else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -342,7 +342,7 @@ def model_info(name: str, params: GatewayParameters, default_model: str, mask_ca
     return ModelInfo(name=name, version=params.version, input_size=params.input_size,
                      prompt_kinds=params.prompt_kinds, required_prompt_kinds=params.required_prompt_kinds,
                      description=params.description, is_default=(name == default_model),
-                     mask_candidates=mask_candidates)
+                     mask_candidates=mask_candidates, context_slices=params.context_slices)
 
 
 def mask_candidates(decoder: RepositoryEntry) -> int:

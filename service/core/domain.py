@@ -170,6 +170,8 @@ class ModelInfo:
     # candidate masks the prompt decoder gives per prompt (SAM: 3, of which one is returned
     # unless the request asks for all; LiteMedSAM: 1)
     mask_candidates: int = 1
+    # neighbouring slices on each side a 2.5-D segmenter reads (0: 2-D; > 0: volumes only)
+    context_slices: int = 0
 
 
 @dataclass(frozen=True)

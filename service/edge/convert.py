@@ -167,7 +167,8 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         name=info.name, version=info.version, input_size=info.input_size,
         prompt_kinds=sorted(_KIND_TO_PB[k] for k in info.prompt_kinds),
         required_prompt_kinds=sorted(_KIND_TO_PB[k] for k in info.required_prompt_kinds),
-        description=info.description, is_default=info.is_default, mask_candidates=info.mask_candidates)
+        description=info.description, is_default=info.is_default, mask_candidates=info.mask_candidates,
+        context_slices=info.context_slices)
 
 
 def embed_image_from_proto(msg: pb.EmbedImageRequest) -> ImageInput:

@@ -126,6 +126,8 @@ def test_a_2_5d_segmenter_is_served_over_a_volume_with_its_neighbouring_slices_a
     gw = GatewayProcess(tmp_path / "gw", "--model-repository", str(tmp_path / "repo"),
                         "--default-model", "unet_25d_smoke")
     with gw.serving(), SegmentationClient(gw.target, timeout=60.0) as client:
+        (info,) = [m for m in client.list_models() if m.name == "unet_25d_smoke"]
+        assert info.context_slices == 1 and not info.prompt_kinds   # a client can tell before calling
         uploaded = client.upload_volume(image)
         got = {s.slice_index: s.mask for s in client.segment_volume(uploaded.volume_id, model="unet_25d_smoke")}
         for k in range(volume.depth):

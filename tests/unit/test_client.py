@@ -245,7 +245,8 @@ class FakeSegmentation(pb_grpc.SegmentationServicer):
         info = pb.ModelInfo(name="litemedsam", version="1", input_size=256, is_default=True,
                             prompt_kinds=[pb.PROMPT_KIND_BOX, pb.PROMPT_KIND_POINT],
                             required_prompt_kinds=[pb.PROMPT_KIND_BOX])
-        return pb.ListModelsResponse(models=[info])
+        volume_only = pb.ModelInfo(name="unet_25d", version="2", input_size=128, context_slices=2)
+        return pb.ListModelsResponse(models=[info, volume_only])
 
 
 def _size(image: pb.Image) -> tuple[int, int]:
@@ -345,6 +346,7 @@ def test_cli_models_prints_a_table_with_required_kinds_marked(fake_server, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["NAME", "VERSION", "INPUT"]
     assert "box*, point" in lines[1] and lines[1].endswith("yes")
+    assert "one" in lines[1].split() and "+-2 (volumes only)" in lines[2] and not lines[2].endswith("yes")
 
 
 def test_cli_embed_prints_image_id_and_cached(fake_server, tmp_path, capsys) -> None:

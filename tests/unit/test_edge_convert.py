@@ -46,6 +46,9 @@ def test_response_size_and_list_models_response():
     box = frozenset({PromptKind.BOX})
     reply = api.list_models_response(iter([ModelInfo("a", "1", 256, box, box, is_default=True)]))
     assert [(m.name, m.is_default, list(m.prompt_kinds)) for m in reply.models] == [("a", True, [pb.PROMPT_KIND_BOX])]
+    assert reply.models[0].context_slices == 0
+    volume_only = api.list_models_response(iter([ModelInfo("u", "1", 128, frozenset(), frozenset(), context_slices=2)]))
+    assert volume_only.models[0].context_slices == 2
 
 
 def test_codecs_cover_every_method_and_never_raise_on_bad_bytes():

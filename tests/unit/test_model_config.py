@@ -83,7 +83,8 @@ def test_a_2_5d_segmenter_is_discovered_with_its_context_and_a_channel_mismatch_
     write_config(tmp_path, entry, "cpu")
     back = read_entry(tmp_path / "unet_25d")
     assert back.inputs[0].dims == (5, 64, 64) and back.gateway.context_slices == 2
-    assert discover(tmp_path, "unet_25d")["unet_25d"].context == 2
+    found = discover(tmp_path, "unet_25d")["unet_25d"]
+    assert found.context == 2 and found.info.context_slices == 2   # ListModels shows it
     assert discover(tmp_path, "")["unet_25d"].info.prompt_kinds == frozenset()
 
     write_config(tmp_path, replace(entry, gateway=replace(entry.gateway, context_slices=1)), "cpu")
