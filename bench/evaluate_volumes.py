@@ -411,6 +411,19 @@ FINDINGS = """## Findings
   gave a largest drop of 0.034 instead of 0.038 but 0.580 after corrections (it blocks the growth a
   correction near the end should bring), and chaining logits from both anchors between them 0.595
   with a 0.100 drop on the left amygdala.
+- **Corrections that keep more of the old masks** (probed 2026-12-02 with cached BF16 embeddings on
+  colin27's 14 structures and the CT head; the probe's default: mean Dice after 5 corrections 0.612,
+  largest drop 0.068, 6 structures with a drop > 0.01): slices between two anchors prompted with
+  the nearer anchor's box 0.595 / drop 0.149; the better of hull and nearer box by agreement with
+  the neighbouring slice 0.604 / 0.129; each half propagated as a tail from its own anchor 0.619 /
+  0.066; the slice's old logits as the mask prompt of its new hull box 0.613 / 0.034 (4 structures
+  > 0.01); a slice whose old prompt box is already the hull keeping its old mask, the others
+  prompted with the hull and their old logits 0.619 / 0.033 (3 structures > 0.01; with the
+  simulated boxes jittered by 2 px, two seeds, 0.598 / 0.049 and 0.615 / 0.046 against the
+  default's 0.598 / 0.068 and 0.603 / 0.090). The last halves the largest drop without losing Dice,
+  but none reaches 0.01, and these rules make a slice depend on the masks before the correction
+  (the order of interactions), which the piece cache and undo of this module do not model yet;
+  not made the default.
 - **Where one box loses**: the tails of caudate, hippocampus and putamen stop early at the feature
   threshold (caudate_left keeps slices 90-96 of 59-97), and the user's box stops overlapping a
   structure that moves across slices (caudate_left's 12-pixel-wide box covers none of it below
