@@ -420,8 +420,12 @@ FINDINGS = """## Findings
   > 0.01); a slice whose old prompt box is already the hull keeping its old mask, the others
   prompted with the hull and their old logits 0.619 / 0.033 (3 structures > 0.01; with the
   simulated boxes jittered by 2 px, two seeds, 0.598 / 0.049 and 0.615 / 0.046 against the
-  default's 0.598 / 0.068 and 0.603 / 0.090). The last halves the largest drop without losing Dice,
-  but none reaches 0.01, and these rules make a slice depend on the masks before the correction
+  default's 0.598 / 0.068 and 0.603 / 0.090). The last halves the largest drop and removes the brain
+  and head drops at the same mean, but costs cerebellum (0.808 -> 0.753) and the left hippocampus
+  (0.657 -> 0.615): kept old slices beside a new anchor become the next worst slices. None reaches
+  0.01: the drops left come from the model's answer to the user's own box on the corrected slice
+  (left amygdala) and from a new tail running past the structure's end (right putamen). These
+  rules also make a slice depend on the masks before the correction
   (the order of interactions), which the piece cache and undo of this module do not model yet;
   not made the default.
 - **Where one box loses**: the tails of caudate, hippocampus and putamen stop early at the feature
