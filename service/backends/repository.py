@@ -318,8 +318,8 @@ class SegmenterModel(NamedTuple):
     @property
     def context(self) -> int:
         """Neighbouring slices on each side in its input (0: a 2-D segmenter; see
-        :mod:`service.core.segmenter_io`)."""
-        return self.entry.gateway.context_slices
+        :mod:`service.core.segmenter_io`); the value ListModels shows."""
+        return self.info.context_slices
 
 
 def check_segmenter_input(entry: RepositoryEntry) -> None:
